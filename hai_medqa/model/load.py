@@ -1,0 +1,110 @@
+"""Loading tokenizers and models the same way in every stage, without remote code.
+
+`load_causal_lm` always ends in transformers' own Llama classes: an EXAONE-layout folder is converted
+first (cached; see `convert.ensure_llama_checkpoint`), so no downloaded Python ever runs and every
+Llama fast path (SDPA/flash attention, fused kernels) applies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+
+from hai_medqa.model.convert import ensure_llama_checkpoint
+from hai_medqa.model.exaone_layout import LLAMA_MODEL_TYPE, ModelLayoutError
+
+
+def load_tokenizer(path: str | Path, **kwargs: Any):
+    """Load the tokenizer of a checkpoint folder (EXAONE or Llama layout) without trust_remote_code.
+
+    AutoTokenizer reads config.json first and, on an EXAONE folder (model_type "exaone" + auto_map),
+    demands remote code. So the class named by tokenizer_config.json's ``tokenizer_class`` is
+    resolved directly (falling back to the generic fast tokenizer) and loaded from the folder.
+    Warns when padding would reuse the EOS token.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    folder = Path(path).expanduser()
+    cfg_path = folder / "tokenizer_config.json"
+    if not folder.is_dir():
+        raise ModelLayoutError(f"{folder}: not a folder")
+    if not cfg_path.is_file() and not (folder / "tokenizer.json").is_file():
+        raise ModelLayoutError(f"{folder}: no tokenizer files (tokenizer_config.json / tokenizer.json)")
+    class_name = None
+    if cfg_path.is_file():
+        try:
+            class_name = json.loads(cfg_path.read_text(encoding="utf-8")).get("tokenizer_class")
+        except json.JSONDecodeError as e:
+            raise ModelLayoutError(f"{cfg_path}: not valid JSON ({e})") from None
+    cls = tokenizer_class_from_name(class_name) if class_name else None
+    if cls is None:
+        if class_name:
+            logger.warning(f"{cfg_path}: unknown tokenizer_class {class_name!r}; using PreTrainedTokenizerFast")
+        cls = PreTrainedTokenizerFast
+    kwargs.setdefault("trust_remote_code", False)
+    tokenizer = cls.from_pretrained(str(folder), **kwargs)
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        logger.warning(f"{folder}: pad token is {tokenizer.pad_token!r} (eos {tokenizer.eos_token!r}); "
+                       "training needs a pad token distinct from EOS")
+    return tokenizer
+
+
+def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ModelLayoutError(f"unknown dtype {dtype!r} (use e.g. bfloat16, float16, float32)")
+    return value
+
+
+def bnb_4bit_config(compute_dtype: str | torch.dtype = torch.bfloat16):
+    """The QLoRA quantisation used everywhere: NF4, double quantisation, given compute dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_as_dtype(compute_dtype),
+    )
+
+
+def load_causal_lm(
+    path: str | Path,
+    *,
+    quantize_4bit: bool = False,
+    dtype: str | torch.dtype = torch.bfloat16,
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = "sdpa",
+):
+    """Load a causal LM from a local checkpoint folder as a native transformers Llama model.
+
+    An EXAONE-layout folder is converted to Llama layout first (cached). `quantize_4bit` loads the
+    linear layers in bitsandbytes NF4 (QLoRA); `dtype` is the compute/storage dtype of the rest.
+    Only safetensors are read and remote code is never trusted.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = ensure_llama_checkpoint(path)
+    torch_dtype = _as_dtype(dtype)
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype,
+        "trust_remote_code": False,
+        "use_safetensors": True,
+    }
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantize_4bit:
+        kwargs["quantization_config"] = bnb_4bit_config(torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    if model.config.model_type != LLAMA_MODEL_TYPE:
+        logger.warning(f"{folder}: loaded model_type {model.config.model_type!r}, not 'llama'")
+    return model
