@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""QLoRA fine-tuning of EXAONE-3.5 on the medical QA jsonl (step F2 of the pipeline).
+
+    python S_F2.py --config configs/exaone35_7.8b_qlora.yaml [--train-file F] [--val-file F]
+                   [--output-dir D] [--model M] [--resume] [--<any config key> VALUE ...]
+    accelerate launch --num_processes 4 S_F2.py --config ...      # several GPUs (DDP)
+
+Every key of hai_medqa/train/config.py:TrainConfig can be set in the YAML file or overridden here
+(``--lora-r 8`` or ``--lora_r=8``). Exit codes: 0 finished, 1 error (one line on stderr),
+75 interrupted by SIGINT/SIGTERM after saving a checkpoint (continue with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Importing torch/transformers takes seconds; keep --help and config errors instant.
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="QLoRA fine-tuning of EXAONE-3.5 on the medical QA jsonl.",
+        epilog="Any config key can be overridden as --key value (see docs/training.md).",
+    )
+    parser.add_argument("--config", default="configs/exaone35_7.8b_qlora.yaml", help="YAML config file")
+    args, rest = parser.parse_known_args(argv)
+
+    from hai_medqa.config import ConfigError, load_config, parse_cli_overrides
+    from hai_medqa.train.config import TrainConfig
+
+    try:
+        cfg, explicit = load_config(TrainConfig, args.config, parse_cli_overrides(rest))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    from hai_medqa.model.acquire import ModelAcquisitionError
+    from hai_medqa.model.exaone_layout import ModelLayoutError
+    from hai_medqa.train.errors import TrainingError
+    from hai_medqa.train.trainer import EXIT_INTERRUPTED, run_training
+
+    try:
+        summary = run_training(cfg, explicit)
+    except (ConfigError, TrainingError, ModelAcquisitionError, ModelLayoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: aborted by a second Ctrl-C; nothing was saved for the current step", file=sys.stderr)
+        return 130
+    return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

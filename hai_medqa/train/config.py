@@ -1,0 +1,156 @@
+"""Every setting of a fine-tuning run, with its default and its meaning, in one dataclass.
+
+Defaults are the issue's: QLoRA (NF4 + double quantisation, bf16 compute), LoRA r=16 / alpha=32 /
+dropout 0.05 on all seven projections of every layer, non-reentrant gradient checkpointing, paged
+8-bit AdamW, cosine schedule with warmup, gradient clipping, padding-free packing.
+
+`profile` names a bundle of speed/memory settings (see PROFILES). A profile only fills keys the
+user did not set; anything written in the YAML file or on the command line wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from hai_medqa.config import ConfigError
+
+# Every attention and MLP projection of a Llama-layout decoder layer (the converted EXAONE names).
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+AttnImpl = Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"]
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on
+    model: str = "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct"
+    """Hub id or local folder (EXAONE or Llama layout); resolved by hai_medqa.model.acquire."""
+    model_revision: str | None = None
+    train_file: str = "outputs/data/train.jsonl"
+    val_file: str | None = "outputs/data/val.jsonl"
+    output_dir: str = "runs/exaone35-7.8b-medqa"
+    cache_dir: str | None = None
+    """Tokenisation cache; default: <parent of output_dir>/.tokenized_cache."""
+    system_prompt: str | None = None
+    """None = hai_medqa.chat_format.DEFAULT_SYSTEM_PROMPT; "" = the empty system turn."""
+    max_length: int = 2048
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """Samples longer than max_length: cut the answer (keeping [|endofturn|]) or drop the sample."""
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    seed: int = 42
+
+    # --- speed / memory bundle (fills the keys below that are not set explicitly)
+    profile: Literal["auto", "fast", "lean", "plain"] = "auto"
+
+    # --- model
+    quantize_4bit: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """auto: bfloat16 on GPU, float32 on CPU."""
+    attn_implementation: AttnImpl = "auto"
+    liger_kernel: bool | Literal["auto"] = "auto"
+    gradient_checkpointing: bool = True
+    checkpoint_every_n_layers: int = 1
+    """1 = recompute every decoder layer; n > 1 = only every n-th (selective: faster, more memory)."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+
+    # --- batching
+    batching: Literal["packed", "padded"] = "packed"
+    tokens_per_micro_batch: int = 8192
+    """packed: token budget of one micro-batch row (several whole samples)."""
+    pad_to_fixed_length: bool = False
+    """packed: pad every row to tokens_per_micro_batch with inert filler (one shape for compiled kernels)."""
+    micro_batch_size: int = 8
+    """padded: samples per micro-batch."""
+    gradient_accumulation_steps: int = 4
+
+    # --- optimisation
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw_torch"] = "paged_adamw_8bit"
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_ratio: float = 0.03
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    num_epochs: int = 2
+    max_steps: int | None = None
+    """Optimizer steps; overrides num_epochs when set."""
+
+    # --- evaluation, saving, logging
+    eval_steps: int = 200
+    early_stopping_patience: int | None = 5
+    """Evaluations without improvement before stopping; null disables early stopping."""
+    early_stopping_min_delta: float = 0.0
+    save_steps: int = 200
+    save_total_limit: int = 3
+    logging_steps: int = 10
+    tensorboard: bool = True
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir/checkpoints."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for values that are individually typed right but unusable together."""
+        positive = ["max_length", "tokens_per_micro_batch", "micro_batch_size", "gradient_accumulation_steps",
+                    "lora_r", "lora_alpha", "eval_steps", "checkpoint_every_n_layers", "save_steps", "logging_steps", "save_total_limit",
+                    "num_epochs"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "max_train_samples", "max_eval_samples"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"{name} must be positive or null, got {v}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if self.batching == "packed" and self.max_length > self.tokens_per_micro_batch:
+            raise ConfigError(
+                f"max_length ({self.max_length}) exceeds tokens_per_micro_batch ({self.tokens_per_micro_batch}): "
+                "a packed row must hold at least one whole sample"
+            )
+        if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
+            raise ConfigError("early_stopping_patience must be positive or null (disabled)")
+        unknown = sorted(set(self.lora_target_modules) - set(LORA_TARGET_MODULES))
+        if unknown:
+            raise ConfigError(
+                f"lora_target_modules has {unknown}; Llama-layout projections are {LORA_TARGET_MODULES}"
+            )
+        if not self.lora_target_modules:
+            raise ConfigError("lora_target_modules is empty")
+
+
+# Named bundles of speed/memory settings. The numbers the GPU benchmark settles on belong here.
+#   plain: the portable reference path (sdpa, no Liger, checkpointing) - what CPUs run;
+#   lean:  least memory (Liger's fused linear+cross-entropy never materialises full logits);
+#   fast:  highest throughput measured (flex attention + Liger, no dropout, fixed row shape).
+PROFILES: dict[str, dict[str, Any]] = {
+    "plain": {"attn_implementation": "sdpa", "liger_kernel": False, "gradient_checkpointing": True,
+              "pad_to_fixed_length": False},
+    "lean": {"attn_implementation": "auto", "liger_kernel": "auto", "gradient_checkpointing": True,
+             "pad_to_fixed_length": False},
+    "fast": {"attn_implementation": "flex_attention", "liger_kernel": "auto", "gradient_checkpointing": True,
+             "lora_dropout": 0.0, "pad_to_fixed_length": True},
+}
+
+
+def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool) -> tuple[TrainConfig, str]:
+    """Apply the chosen profile to every key the user left at its default; return (config, profile used).
+
+    ``auto`` means ``lean`` on a GPU and ``plain`` on a CPU.
+    """
+    name = cfg.profile
+    if name == "auto":
+        name = "lean" if on_gpu else "plain"
+    updates = {k: v for k, v in PROFILES[name].items() if k not in explicit}
+    return dataclasses.replace(cfg, **updates), name

@@ -1,0 +1,14 @@
+"""User-facing training errors: each carries one line that says what is wrong and where.
+
+The CLI prints ``error: <message>`` and exits non-zero; no traceback for problems the user can fix.
+"""
+
+from __future__ import annotations
+
+
+class TrainingError(RuntimeError):
+    """A training run cannot start or continue (bad data, non-finite loss, out of memory, ...)."""
+
+
+class DataError(TrainingError, ValueError):
+    """A training or validation file that cannot be used (missing, empty, no usable records)."""
