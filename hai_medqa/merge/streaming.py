@@ -1,0 +1,484 @@
+"""Merge a LoRA adapter into its base checkpoint tensor by tensor, without loading the model.
+
+For every base tensor, in checkpoint order: weights the adapter touches are read, get
+`scaling * B @ A` added in float32 and are cast back to their stored dtype; every other tensor is
+copied byte for byte. Peak memory is about the largest adapted weight in float32 plus the adapter
+(the whole model never sits in memory, unlike PEFT's `merge_and_unload`). Everything is checked
+before the first byte is written, and the output folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import torch
+from loguru import logger
+from tqdm import tqdm
+
+from hai_medqa import __version__
+from hai_medqa.io_utils import atomic_dir, sha256_file, write_json
+from hai_medqa.merge.lora import AdapterError, LoraAdapter, load_adapter, resolve_adapter_dir
+from hai_medqa.merge.nf4 import NF4Settings, is_quantized_in_training, nf4_roundtrip
+from hai_medqa.merge.safetensors_stream import (
+    PlannedTensor,
+    SafetensorsFormatError,
+    StreamingShardWriter,
+    TensorInfo,
+    read_tensor,
+    tensor_infos,
+)
+from hai_medqa.model.exaone_layout import (
+    ModelLayoutError,
+    detect_layout,
+    exaone_config_to_llama,
+    exaone_to_llama_name,
+    is_derived_buffer,
+    llama_config_to_exaone,
+    llama_to_exaone_name,
+)
+
+MergeInto = Literal["original", "nf4"]
+Layout = Literal["llama", "exaone"]
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size
+_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+# Files of the training run copied beside the weights (under training/) when they exist.
+RUN_FILES = ("resolved_config.yaml", "run_info.json", "summary.json", "metrics.jsonl", "loss_curve.png")
+
+
+class MergeError(ValueError):
+    """The merge cannot be done as asked (bad base, mismatched adapter, unusable output path)."""
+
+
+@dataclass
+class BaseCheckpoint:
+    """A local base model folder: its layout, config and every tensor keyed by its Llama name."""
+
+    path: Path
+    layout: str  # "exaone" or "llama", as stored
+    config: dict  # config.json as stored
+    llama_config: dict
+    tensors: dict[str, TensorInfo]  # Llama name -> where the tensor is stored
+    stored_names: dict[str, str] = field(default_factory=dict)  # Llama name -> name in the file
+
+
+@dataclass
+class MergeResult:
+    """What `merge_adapter` wrote; also saved as merge_info.json in the output folder."""
+
+    output: Path
+    info: dict
+
+
+def read_base_checkpoint(path: str | Path) -> BaseCheckpoint:
+    """Read a base folder's config and safetensors headers (no weights) in either layout."""
+    from hai_medqa.model.convert import read_checkpoint
+
+    path = Path(path)
+    try:
+        ckpt = read_checkpoint(path)  # config, index, shard headers; refuses pickle-only folders
+        where = str(path / "config.json")
+        layout = detect_layout(ckpt.config, where)
+        llama_config = exaone_config_to_llama(ckpt.config, where) if layout == "exaone" else dict(ckpt.config)
+        to_llama = exaone_to_llama_name if layout == "exaone" else (lambda n: n)
+        tensors: dict[str, TensorInfo] = {}
+        stored: dict[str, str] = {}
+        for shard in ckpt.shards:
+            for name, info in tensor_infos(shard).items():
+                if is_derived_buffer(name):
+                    continue
+                llama_name = to_llama(name)
+                tensors[llama_name] = info
+                stored[llama_name] = name
+    except (ModelLayoutError, SafetensorsFormatError) as e:
+        raise MergeError(str(e)) from None
+    if "model.embed_tokens.weight" not in tensors:
+        raise MergeError(f"base {path} has no token embedding: not a complete EXAONE/Llama checkpoint")
+    return BaseCheckpoint(path, layout, ckpt.config, llama_config, tensors, stored)
+
+
+def adapter_weight_to_llama(weight_name: str) -> str | None:
+    """Llama name of a weight an adapter was trained on (adapters may use either layout)."""
+    if weight_name.startswith("model.") or weight_name == "lm_head.weight":
+        return weight_name
+    try:
+        return exaone_to_llama_name(weight_name)
+    except ModelLayoutError:
+        return None
+
+
+def check_adapter_fits(base: BaseCheckpoint, adapter: LoraAdapter) -> None:
+    """Refuse an adapter made for another model: unknown modules, wrong shapes, missing modules,
+    a tokenizer larger than the base vocabulary. Raises MergeError naming the first problem."""
+    where = adapter.path
+    tied = bool(base.llama_config.get("tie_word_embeddings", False))
+    for name, upd in adapter.updates.items():
+        info = base.tensors.get(name)
+        if info is None:
+            if name == "lm_head.weight" and tied:
+                raise MergeError(f"{where}: adapter changes lm_head, but the base ties it to the embeddings")
+            raise MergeError(f"{where}: adapter module {upd.module} does not exist in base {base.path}")
+        if info.dtype not in _FLOAT_DTYPES or len(info.shape) != 2:
+            raise MergeError(f"{where}: adapter module {upd.module} targets a non-linear base tensor {name}")
+        out_f, in_f = info.shape
+        if upd.b.shape[0] != out_f or upd.a.shape[1] != in_f:
+            raise MergeError(
+                f"{where}: {upd.module} expects a [{upd.b.shape[0]}, {upd.a.shape[1]}] weight, base has "
+                f"[{out_f}, {in_f}]: the adapter was trained on another model"
+            )
+    # Modules the adapter's own config says it adapts must all have weights (a truncated or edited
+    # adapter would otherwise merge silently incomplete). PEFT matches names in the layout the adapter
+    # was trained on, so translate before asking it.
+    uses_exaone_names = adapter.trained_on_exaone_names
+    missing = []
+    for name, info in base.tensors.items():
+        if len(info.shape) != 2 or name == "model.embed_tokens.weight" or name in adapter.updates:
+            continue
+        module = (llama_to_exaone_name(name) if uses_exaone_names else name).removesuffix(".weight")
+        if adapter.targets_module(module):
+            missing.append(module)
+    if missing:
+        raise MergeError(
+            f"{where}: adapter config targets {len(missing)} module(s) it holds no weights for "
+            f"(first: {missing[0]}): incomplete adapter or another model"
+        )
+    vocab = base.tensors["model.embed_tokens.weight"].shape[0]
+    tok_size = _tokenizer_size(adapter.path)
+    if tok_size is not None and tok_size > vocab:
+        raise MergeError(
+            f"{where}: the adapter's tokenizer has {tok_size} tokens but the base embedding has {vocab} rows: "
+            "the adapter was trained on another model"
+        )
+    recorded = adapter.base_model_name_or_path
+    if recorded and not _same_base(recorded, base.path):
+        logger.warning(f"adapter records base {recorded!r}, merging into {base.path}; shapes match, continuing")
+
+
+def conversion_source(folder: Path) -> tuple[str | None, str | None]:
+    """(source folder, source id) recorded by the model stage in a converted folder, if any."""
+    from hai_medqa.model.convert import RECORD_FILE
+
+    record = folder / RECORD_FILE
+    if not record.is_file():
+        return None, None
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None, None
+    return data.get("source"), data.get("source_id")
+
+
+def _same_base(recorded: str, base_dir: Path) -> bool:
+    """Whether the base an adapter records (a folder, a converted copy of one, or a Hub id) is
+    `base_dir` (directly, or through the model stage's conversion record)."""
+    base = base_dir.resolve()
+    names = {str(base)}
+    src, src_id = conversion_source(base)
+    names |= {n for n in (src, src_id) if n}
+    rec = Path(recorded).expanduser()
+    if rec.exists():
+        rec_src, rec_id = conversion_source(rec)
+        candidates = {str(rec.resolve())} | {n for n in (rec_src, rec_id) if n}
+    else:
+        candidates = {recorded}
+    return any(c == n or (("/" in c) and c in n) for c in candidates for n in names)
+
+
+def _tokenizer_size(folder: Path) -> int | None:
+    """Number of tokens (vocabulary + added) of a tokenizer.json in `folder`, without loading it."""
+    tok = folder / "tokenizer.json"
+    if not tok.is_file():
+        return None
+    data = json.loads(tok.read_text(encoding="utf-8"))
+    ids = set((data.get("model") or {}).get("vocab", {}).values()) if isinstance(
+        (data.get("model") or {}).get("vocab"), dict) else set()
+    ids |= {t["id"] for t in data.get("added_tokens", [])}
+    return (max(ids) + 1) if ids else None
+
+
+def resolve_base(base: str | Path) -> Path:
+    """A local base folder as given, or a Hub model id downloaded (and cached) by the model stage."""
+    path = Path(base)
+    if path.exists():
+        if not path.is_dir():
+            raise MergeError(f"base {path} is a file; expected a model folder or a Hub model id")
+        return path
+    if str(base).count("/") != 1 or str(base).startswith((".", "/", "~")):
+        raise MergeError(f"base {base!r} is neither an existing folder nor a Hub model id (owner/name)")
+    from hai_medqa.model.acquire import resolve_model
+
+    return Path(resolve_model(str(base)))
+
+
+def check_output_path(output: Path, inputs: list[Path], overwrite: bool) -> None:
+    out = output.resolve()
+    for p in inputs:
+        p = p.resolve()
+        if out == p or out in p.parents or p in out.parents:
+            raise MergeError(f"output {output} overlaps the input folder {p}; choose a separate folder")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise MergeError(f"output {output} already exists; pass --overwrite to replace it (only after success)")
+
+
+def _prepare_tokenizer(adapter_dir: Path, base_dir: Path):
+    """The tokenizer to ship: the adapter's (what training used), else the base's; with the project's
+    chat template whenever the stored one breaks the EXAONE rules."""
+    from hai_medqa.chat_format import EOT, EXAONE_CHAT_TEMPLATE, check_tokenizer_template
+    from hai_medqa.model.load import load_tokenizer
+
+    source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
+    tokenizer = load_tokenizer(source)
+    problems = check_tokenizer_template(tokenizer)
+    if problems:
+        logger.warning(f"tokenizer from {source}: {problems[0]}; writing the project's EXAONE chat template")
+        tokenizer.chat_template = EXAONE_CHAT_TEMPLATE
+    eot_id = tokenizer.convert_tokens_to_ids(EOT)
+    if eot_id is None or eot_id == tokenizer.unk_token_id:
+        raise MergeError(f"tokenizer from {source} has no {EOT} token: not an EXAONE tokenizer")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None or pad_id == eot_id:
+        raise MergeError(
+            f"tokenizer from {source}: pad token must exist and differ from {EOT} (pad id {pad_id}), "
+            "or generation cannot tell padding from the end of an answer"
+        )
+    return tokenizer, source, eot_id, pad_id
+
+
+def _generation_config(base_dir: Path, bos_id: int | None, eos_id: int, pad_id: int) -> dict:
+    gen: dict = {}
+    base_gen = base_dir / "generation_config.json"
+    if base_gen.is_file():
+        gen = {k: v for k, v in json.loads(base_gen.read_text(encoding="utf-8")).items()
+               if k != "transformers_version"}
+    gen.update(eos_token_id=eos_id, pad_token_id=pad_id)
+    if bos_id is not None:
+        gen["bos_token_id"] = bos_id
+    return gen
+
+
+def _output_config(base: BaseCheckpoint, layout: str, out_dir: Path) -> dict:
+    if layout == "llama":
+        return dict(base.llama_config)
+    reference = base.config if base.layout == "exaone" else None
+    try:
+        config = llama_config_to_exaone(base.llama_config, reference=reference)
+    except ModelLayoutError as e:
+        raise MergeError(str(e)) from None
+    # auto_map entries without "repo--" point at modeling files next to config.json; we never ship
+    # remote code, so point them at the Hub repo that holds EXAONE's code (as LG's own repos do).
+    from hai_medqa.model.exaone_layout import DEFAULT_EXAONE_CODE_REPO
+
+    auto_map = config.get("auto_map") or {}
+    for key, ref in list(auto_map.items()):
+        if isinstance(ref, str) and "--" not in ref:
+            auto_map[key] = f"{DEFAULT_EXAONE_CODE_REPO}--{ref}"
+    return config
+
+
+def _shard_plan(items: list[tuple[str, TensorInfo]], max_shard_bytes: int) -> list[list[tuple[str, TensorInfo]]]:
+    shards: list[list[tuple[str, TensorInfo]]] = [[]]
+    size = 0
+    for name, info in items:
+        if shards[-1] and size + info.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, info))
+        size += info.nbytes
+    return shards
+
+
+def _versions() -> dict:
+    import peft
+    import safetensors
+    import transformers
+
+    out = {"hai_medqa": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "peft": peft.__version__, "safetensors": safetensors.__version__, "python": platform.python_version()}
+    try:
+        import bitsandbytes
+
+        out["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def find_run_dir(adapter_dir: Path) -> Path | None:
+    """The training run folder an adapter came from (RUN_DIR/adapter_best -> RUN_DIR), if recognisable."""
+    parent = adapter_dir.parent
+    return parent if (parent / "resolved_config.yaml").is_file() or (parent / "run_info.json").is_file() else None
+
+
+def find_eval_results(run: Path | None, eval_results: str | Path | None) -> Path | None:
+    """The evaluation results to publish: the given file, else RUN_DIR/eval_results.json if present."""
+    if eval_results is not None:
+        path = Path(eval_results)
+        if not path.is_file():
+            raise MergeError(f"evaluation results {path} do not exist")
+        return path
+    if run is not None and (run / "eval_results.json").is_file():
+        return run / "eval_results.json"
+    return None
+
+
+def copy_run_files(dest: Path, run: Path | None, eval_path: Path | None) -> list[str]:
+    """Copy the run's config and metrics into dest/training/ and the eval results beside; return
+    the names copied from the run."""
+    copied = [f for f in RUN_FILES if run is not None and (run / f).is_file()]
+    if copied:
+        (dest / "training").mkdir(exist_ok=True)
+        for f in copied:
+            shutil.copy2(run / f, dest / "training" / f)
+    if eval_path is not None:
+        shutil.copy2(eval_path, dest / "eval_results.json")
+    return copied
+
+
+def existing_merge_matches(output: str | Path, base: str | Path, adapter: str | Path, *, merge_into: str,
+                           layout: str) -> bool:
+    """True when `output` is a complete folder this merge already wrote from the same base, adapter
+    bytes, mode and layout (so re-running a command after a failed upload skips the merge)."""
+    info_path = Path(output) / "merge_info.json"
+    if not info_path.is_file():
+        return False
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        adapter_dir = resolve_adapter_dir(adapter)
+    except (json.JSONDecodeError, AdapterError):
+        return False
+    return (info.get("base") == str(base) and info.get("merge_into") == merge_into and info.get("layout") == layout
+            and info.get("adapter_sha256") == sha256_file(adapter_dir / "adapter_model.safetensors"))
+
+
+def merge_adapter(
+    base: str | Path,
+    adapter: str | Path,
+    output: str | Path,
+    *,
+    merge_into: MergeInto = "original",
+    layout: Layout = "llama",
+    nf4: NF4Settings | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    run_dir: str | Path | None = None,
+    eval_results: str | Path | None = None,
+    overwrite: bool = False,
+    finalize: Callable[[Path, dict], None] | None = None,
+) -> MergeResult:
+    """Merge a LoRA adapter into `base` and write a complete model folder at `output`.
+
+    base: a local model folder (EXAONE or Llama layout) or a Hub id. adapter: a PEFT adapter folder
+    or a training run folder. `merge_into="original"` adds the deltas to the stored weights;
+    `"nf4"` first applies the NF4 round trip QLoRA training used (`nf4` settings) to every decoder
+    projection, so the merged forward equals the training-time forward. `layout` picks the written
+    names and config ("llama": plain transformers; "exaone": EXAONE-3.5's own). Beside the weights:
+    config, generation_config (eos = [|endofturn|], pad distinct), tokenizer with chat template,
+    LICENSE, training/ (the run's config and metrics), eval_results.json when given or found,
+    merge_info.json. `finalize(tmp_dir, info)` runs on the complete folder before it appears (used to
+    add the model card). Raises MergeError/AdapterError before writing anything if the inputs do not fit.
+    """
+    if merge_into not in ("original", "nf4"):
+        raise MergeError(f"merge_into must be 'original' or 'nf4', got {merge_into!r}")
+    if layout not in ("llama", "exaone"):
+        raise MergeError(f"layout must be 'llama' or 'exaone', got {layout!r}")
+    if max_shard_bytes <= 0:
+        raise MergeError("max_shard_bytes must be positive")
+    nf4 = nf4 or NF4Settings.from_project()
+    output = Path(output)
+
+    # --- everything is checked before anything is written -----------------------------------
+    base_dir = resolve_base(base)
+    checkpoint = read_base_checkpoint(base_dir)
+    lora = load_adapter(adapter, adapter_weight_to_llama)
+    check_adapter_fits(checkpoint, lora)
+    run = Path(run_dir) if run_dir is not None else find_run_dir(lora.path)
+    eval_path = find_eval_results(run, eval_results)
+    check_output_path(output, [base_dir, lora.path] + ([run] if run else []), overwrite)
+    tokenizer, tok_source, eos_id, pad_id = _prepare_tokenizer(lora.path, base_dir)
+    gen_config = _generation_config(base_dir, tokenizer.bos_token_id, eos_id, pad_id)
+    out_config = _output_config(checkpoint, layout, output)
+    weight_dtypes = sorted({info.dtype for info in checkpoint.tensors.values()})
+
+    items = list(checkpoint.tensors.items())
+    out_name = (lambda n: n) if layout == "llama" else llama_to_exaone_name
+    shards = _shard_plan(items, max_shard_bytes)
+    n_shards = len(shards)
+    total_bytes = sum(info.nbytes for _, info in items)
+    logger.info(
+        f"merging {len(lora.updates)} LoRA weights (r={lora.config.get('r')}, alpha={lora.config.get('lora_alpha')}) "
+        f"into {base_dir} [{checkpoint.layout} layout, {', '.join(weight_dtypes)}] -> {output} "
+        f"[{layout} layout, merge into {merge_into}, {n_shards} shard(s)]"
+    )
+
+    info = {
+        "hai_medqa_merge": 1,
+        "base": str(base),
+        "base_layout": checkpoint.layout,
+        "adapter": str(lora.path),
+        "adapter_sha256": sha256_file(lora.path / "adapter_model.safetensors"),
+        "adapter_config": {k: lora.config.get(k) for k in (
+            "r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern",
+            "base_model_name_or_path")},
+        "adapted_weights": len(lora.updates),
+        "merge_into": merge_into,
+        "nf4": nf4.as_dict() if merge_into == "nf4" else None,
+        "layout": layout,
+        "weight_dtypes": weight_dtypes,
+        "tokenizer_from": str(tok_source),
+        "run_dir": str(run) if run else None,
+        "versions": _versions(),
+    }
+
+    with atomic_dir(output) as tmp:
+        weight_map: dict[str, str] = {}
+        handles: dict[Path, BinaryIO] = {}
+        files = contextlib.ExitStack()
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", leave=False)
+        try:
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+                plan = [PlannedTensor(out_name(n), t.dtype, t.shape) for n, t in shard]
+                with StreamingShardWriter(tmp / fname, plan, {"format": "pt"}) as writer:
+                    for name, tinfo in shard:
+                        src = handles.get(tinfo.file)
+                        if src is None:
+                            src = handles[tinfo.file] = files.enter_context(open(tinfo.file, "rb"))  # noqa: SIM115
+                        upd = lora.updates.get(name)
+                        requantize = merge_into == "nf4" and is_quantized_in_training(name)
+                        if upd is None and not requantize:
+                            writer.copy_raw(out_name(name), tinfo, src)
+                        else:
+                            weight = read_tensor(tinfo, src)
+                            if requantize:
+                                weight = nf4_roundtrip(weight, nf4)
+                            if upd is not None:
+                                # fp32 add, one rounding back to the stored dtype
+                                weight = (weight.float() + upd.delta()).to(tinfo.torch_dtype)
+                            writer.write(out_name(name), weight)
+                            del weight
+                        weight_map[out_name(name)] = fname
+                        bar.update(tinfo.nbytes)
+        finally:
+            bar.close()
+            files.close()
+        write_json(tmp / "model.safetensors.index.json",
+                   {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+        write_json(tmp / "config.json", out_config)
+        write_json(tmp / "generation_config.json", gen_config)
+        tokenizer.save_pretrained(str(tmp))
+
+        from hai_medqa.publish.license import write_license
+
+        info["full_license_text"] = write_license(tmp, base_dir)
+        info["training_files"] = copy_run_files(tmp, run, eval_path)
+        write_json(tmp / "merge_info.json", info)
+        if finalize is not None:
+            finalize(tmp, info)
+    logger.info(f"wrote merged model to {output} ({total_bytes / 2**20:.1f} MiB in {n_shards} shard(s))")
+    return MergeResult(output=output, info=info)
+

@@ -1,0 +1,210 @@
+"""Naming and packaging of what gets published: the repo id, the base model's Hub id for the card,
+and the adapter-only release folder."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from loguru import logger
+
+from hai_medqa.io_utils import atomic_dir, sha256_file, write_json
+from hai_medqa.merge.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, resolve_adapter_dir
+from hai_medqa.merge.streaming import (
+    DEFAULT_MAX_SHARD_BYTES,
+    adapter_weight_to_llama,
+    check_adapter_fits,
+    check_output_path,
+    conversion_source,
+    copy_run_files,
+    existing_merge_matches,
+    find_eval_results,
+    find_run_dir,
+    merge_adapter,
+    read_base_checkpoint,
+)
+from hai_medqa.publish.hub import (
+    OWNER_PLACEHOLDER,
+    PublishError,
+    UploadPlan,
+    check_repo_id,
+    get_token,
+    publish,
+)
+from hai_medqa.publish.license import REQUIRED_NAME_PREFIX, write_license
+from hai_medqa.publish.model_card import write_model_card
+
+PROJECT_SUFFIX = "HAI-MedQA"
+_HUB_ID_RE = re.compile(r"^(?:hub:)?(?P<id>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)")
+# Files of an adapter folder that are published with it (PEFT weights + config, tokenizer + template).
+ADAPTER_RELEASE_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "tokenizer.json", "tokenizer_config.json",
+                         "special_tokens_map.json", "chat_template.jinja", "added_tokens.json")
+
+
+def _hub_id(text: str | None) -> str | None:
+    if not text or Path(text).expanduser().exists():
+        return None
+    m = _HUB_ID_RE.match(text)
+    return m["id"] if m else None
+
+
+def base_model_id(base: str, adapter_config: dict | None = None, explicit: str | None = None) -> str | None:
+    """The base model's Hub id for the card: `explicit`, else `base` when it is a Hub id, else the
+    id recorded by the model stage's conversion of the base folder, else the adapter's record."""
+    if explicit:
+        return explicit
+    if _hub_id(base):
+        return _hub_id(base)
+    path = Path(base).expanduser()
+    if path.is_dir():
+        _, source_id = conversion_source(path)
+        if _hub_id(source_id):
+            return _hub_id(source_id)
+    recorded = (adapter_config or {}).get("base_model_name_or_path")
+    if _hub_id(recorded):
+        return _hub_id(recorded)
+    if recorded and Path(recorded).expanduser().is_dir():
+        _, source_id = conversion_source(Path(recorded).expanduser())
+        return _hub_id(source_id)
+    return None
+
+
+def default_repo_name(base_id: str | None, *, adapter_only: bool) -> str:
+    """EXAONE-license-compliant default name: '<base name>-HAI-MedQA' (e.g.
+    EXAONE-3.5-7.8B-Instruct-HAI-MedQA), '-LoRA' added for adapters."""
+    name = base_id.rsplit("/", 1)[-1] if base_id else ""
+    if not name.startswith(REQUIRED_NAME_PREFIX):
+        name = REQUIRED_NAME_PREFIX
+    name = f"{name}-{PROJECT_SUFFIX}"
+    return name + "-LoRA" if adapter_only else name
+
+
+def build_adapter_release(
+    adapter: str | Path,
+    output: str | Path,
+    *,
+    repo_id: str,
+    base_model: str,
+    base: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    eval_results: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Assemble an adapter-only release folder: the PEFT adapter and its tokenizer, LICENSE,
+    training/ files, eval results and the model card. When `base` is a local folder the adapter is
+    first checked to fit it. The folder appears only when complete."""
+    lora = load_adapter(adapter, adapter_weight_to_llama)
+    base_dir = Path(base).expanduser() if base is not None and Path(base).expanduser().is_dir() else None
+    if base_dir is not None:
+        check_adapter_fits(read_base_checkpoint(base_dir), lora)
+    else:
+        logger.info("base is not a local folder; the adapter's fit to it is not checked (no download)")
+    run = Path(run_dir) if run_dir is not None else find_run_dir(lora.path)
+    eval_path = find_eval_results(run, eval_results)
+    output = Path(output)
+    check_output_path(output, [lora.path] + ([base_dir] if base_dir else []) + ([run] if run else []), overwrite)
+    with atomic_dir(output) as tmp:
+        for name in ADAPTER_RELEASE_FILES:
+            if (lora.path / name).is_file():
+                shutil.copy2(lora.path / name, tmp / name)
+        full_license = write_license(tmp, base_dir)
+        copied = copy_run_files(tmp, run, eval_path)
+        write_json(tmp / "release_info.json", {
+            "kind": "adapter",
+            "adapter": str(lora.path),
+            "adapter_sha256": sha256_file(lora.path / ADAPTER_WEIGHTS),
+            "base_model": base_model,
+            "full_license_text": full_license,
+            "training_files": copied,
+        })
+        write_model_card(tmp, repo_id=repo_id, base_model=base_model, adapter_only=True)
+    logger.info(f"wrote adapter release folder {output}")
+    return output
+
+
+@dataclass
+class ReleaseResult:
+    """What `make_release` produced: the local folder, the repo id used and the upload plan."""
+
+    folder: Path
+    repo_id: str
+    plan: UploadPlan | None
+
+
+def resolve_repo_id(repo_id: str | None, base_id: str | None, *, adapter_only: bool, online: bool,
+                    allow_noncompliant_name: bool = False) -> str:
+    """The full repo id: given or the license-compliant default, checked against the naming rule,
+    with the owner filled from the token when `online` (else a placeholder, for dry runs)."""
+    repo_id = repo_id or default_repo_name(base_id, adapter_only=adapter_only)
+    check_repo_id(repo_id, allow_noncompliant_name=allow_noncompliant_name)
+    if "/" in repo_id:
+        return repo_id
+    if not online:
+        return f"{OWNER_PLACEHOLDER}/{repo_id}"
+    token = get_token()
+    if not token:
+        raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (the token is never printed)")
+    from huggingface_hub import HfApi
+
+    try:
+        return f"{HfApi(token=token).whoami()['name']}/{repo_id}"
+    except Exception as e:  # network/auth: one line, without the token
+        raise PublishError(f"cannot ask the Hub who you are ({type(e).__name__}); check the network and token") from None
+
+
+def make_release(
+    base: str,
+    adapter: str | Path,
+    output: str | Path,
+    *,
+    merge_into: str = "original",
+    layout: str = "llama",
+    repo_id: str | None = None,
+    push: bool = False,
+    private: bool = True,
+    adapter_only: bool = False,
+    dry_run: bool = False,
+    allow_noncompliant_name: bool = False,
+    base_model: str | None = None,
+    run_dir: str | Path | None = None,
+    eval_results: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    api=None,
+) -> ReleaseResult:
+    """The whole last stage: merge (or package the adapter), write the card, then upload (`push`) or
+    print the upload plan (`dry_run`). Names and the license rule are checked before the merge starts.
+    Re-running after a failed upload reuses the finished folder instead of merging again."""
+    adapter_dir = resolve_adapter_dir(adapter)
+    adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    base_id = base_model_id(base, adapter_config, base_model)
+    online = push and not dry_run
+    if base_id is None:
+        if online:
+            raise PublishError("cannot tell the base model's Hub id (needed in the card); pass --base-model-id")
+        base_id = Path(base).name
+        logger.warning(f"base model Hub id unknown; the card names the base {base_id!r} (pass --base-model-id)")
+    repo_id = resolve_repo_id(repo_id, base_id, adapter_only=adapter_only, online=online,
+                              allow_noncompliant_name=allow_noncompliant_name)
+
+    output = Path(output)
+    if adapter_only:
+        build_adapter_release(adapter_dir, output, repo_id=repo_id, base_model=base_id, base=base,
+                              run_dir=run_dir, eval_results=eval_results, overwrite=overwrite)
+    elif not overwrite and existing_merge_matches(output, base, adapter_dir, merge_into=merge_into, layout=layout):
+        logger.info(f"{output} already holds this merge; reusing it (pass --overwrite to merge again)")
+        write_model_card(output, repo_id=repo_id, base_model=base_id)
+    else:
+        merge_adapter(
+            base, adapter_dir, output, merge_into=merge_into, layout=layout, max_shard_bytes=max_shard_bytes,
+            run_dir=run_dir, eval_results=eval_results, overwrite=overwrite,
+            finalize=lambda tmp, _info: write_model_card(tmp, repo_id=repo_id, base_model=base_id),
+        )
+    plan = None
+    if push or dry_run:
+        plan = publish(output, repo_id, private=private, dry_run=not online,
+                       allow_noncompliant_name=allow_noncompliant_name, api=api)
+    return ReleaseResult(output, repo_id, plan)

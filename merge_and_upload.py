@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Merge a trained LoRA adapter into its base model, write the model card, and upload to the Hub.
+
+    python merge_and_upload.py --base LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct \\
+        --adapter runs/medqa/adapter_best --output outputs/merged --push
+
+The merge streams the base checkpoint tensor by tensor (about one weight of RAM, exact fp32 math);
+see docs/model_merge.md for the merge modes, layouts, the card and the EXAONE license rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from hai_medqa.logging_setup import setup_logging
+from hai_medqa.merge import AdapterError, MergeError
+from hai_medqa.model.exaone_layout import ModelLayoutError
+from hai_medqa.publish import ModelCardError, PublishError
+from hai_medqa.publish.release import make_release
+
+USER_ERRORS = (MergeError, AdapterError, PublishError, ModelCardError, ModelLayoutError, OSError)
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+    unit = (m[2] or "B").upper()
+    factor = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m[1]) * factor)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="base model: local folder (EXAONE or Llama layout) or Hub id")
+    p.add_argument("--adapter", required=True, help="adapter folder, or a training run folder (uses adapter_best/)")
+    p.add_argument("--output", required=True, help="folder to write (appears only when complete)")
+    p.add_argument("--merge-into", choices=("original", "nf4"), default="original",
+                   help="add the LoRA deltas to the original bf16 weights (default) or to the NF4-dequantised "
+                        "weights training saw (reproduces the training-time forward)")
+    p.add_argument("--layout", choices=("llama", "exaone"), default="llama",
+                   help="llama (default): loads with plain transformers; exaone: EXAONE-3.5's own layout")
+    p.add_argument("--repo-id", help="Hub repo, OWNER/NAME or NAME (default: <you>/EXAONE-…-HAI-MedQA)")
+    p.add_argument("--push", action="store_true", help="upload to the Hub after writing the folder")
+    vis = p.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_true", default=True, help="private repo (default)")
+    vis.add_argument("--public", dest="private", action="store_false", help="public repo")
+    p.add_argument("--adapter-only", action="store_true", help="publish only the adapter (no merge)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="do everything except the network: print repo id, visibility and every file with its size")
+    p.add_argument("--allow-noncompliant-name", action="store_true",
+                   help="allow a repo name not starting with 'EXAONE' (the EXAONE license requires it)")
+    p.add_argument("--base-model-id", help="Hub id of the base for the card (default: inferred)")
+    p.add_argument("--run-dir", help="training run folder for the card (default: the adapter's parent)")
+    p.add_argument("--eval-results", help="eval_results.json to show in the card (default: RUN_DIR/eval_results.json)")
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (after success)")
+    p.add_argument("--log-file", help="also write the log to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_file)
+    try:
+        make_release(
+            args.base, args.adapter, args.output, merge_into=args.merge_into, layout=args.layout,
+            repo_id=args.repo_id, push=args.push, private=args.private, adapter_only=args.adapter_only,
+            dry_run=args.dry_run, allow_noncompliant_name=args.allow_noncompliant_name,
+            base_model=args.base_model_id, run_dir=args.run_dir, eval_results=args.eval_results,
+            max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
+        )
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
