@@ -16,11 +16,13 @@ untouched, an EXAONE folder is converted once into ``$HAI_MEDQA_CACHE/converted`
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import shutil
 import struct
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,8 +366,13 @@ def _load_reference(src: Path, reference: Mapping[str, Any] | str | Path | None)
     if isinstance(reference, Mapping):
         return dict(reference)
     if reference is not None:
-        ref = read_config(Path(reference).parent) if Path(reference).is_file() else read_config(Path(reference))
-        if ref.get("model_type") != EXAONE_MODEL_TYPE:
+        ref_path = Path(reference).expanduser()
+        ref_path = ref_path / "config.json" if ref_path.is_dir() else ref_path
+        try:
+            ref = json.loads(ref_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLayoutError(f"{ref_path}: cannot read reference config ({e})") from None
+        if not isinstance(ref, dict) or ref.get("model_type") != EXAONE_MODEL_TYPE:
             raise ModelLayoutError(f"{reference}: reference config is not an EXAONE config")
         return ref
     record = src / RECORD_FILE
@@ -431,3 +438,36 @@ def ensure_llama_checkpoint(path: str | Path, *, source_id: str | None = None, n
         return target
     logger.info(f"converting EXAONE checkpoint {folder} to Llama layout (cached at {target})")
     return convert_exaone_to_llama(folder, target, overwrite=True, source_id=key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: convert a checkpoint folder between EXAONE-3.5 and Llama layouts (direction detected)."""
+    from hai_medqa.logging_setup import setup_logging
+
+    p = argparse.ArgumentParser(
+        prog="python -m hai_medqa.model.convert",
+        description="Convert a checkpoint folder EXAONE-3.5 layout <-> Llama layout (direction from config.json's "
+                    "model_type). Exact: tensors are copied byte for byte, shard by shard.",
+    )
+    p.add_argument("src", help="checkpoint folder (model_type 'exaone' or 'llama')")
+    p.add_argument("dst", help="output folder (created atomically)")
+    p.add_argument("--reference-config", help="llama->exaone: the original EXAONE config.json to restore")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty dst")
+    args = p.parse_args(argv)
+    setup_logging()
+    try:
+        layout = detect_layout(read_config(args.src), str(Path(args.src) / "config.json"))
+        if layout == EXAONE_MODEL_TYPE:
+            out = convert_exaone_to_llama(args.src, args.dst, overwrite=args.overwrite)
+        else:
+            out = convert_llama_to_exaone(args.src, args.dst, overwrite=args.overwrite,
+                                          reference_config=args.reference_config)
+    except (ModelLayoutError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

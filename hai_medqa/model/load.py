@@ -54,7 +54,8 @@ def load_tokenizer(path: str | Path, **kwargs: Any):
     return tokenizer
 
 
-def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """torch dtype from a name such as "bfloat16" (or a dtype, returned as is)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     value = getattr(torch, str(dtype), None)
@@ -71,7 +72,7 @@ def bnb_4bit_config(compute_dtype: str | torch.dtype = torch.bfloat16):
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=_as_dtype(compute_dtype),
+        bnb_4bit_compute_dtype=as_dtype(compute_dtype),
     )
 
 
@@ -92,7 +93,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     folder = ensure_llama_checkpoint(path)
-    torch_dtype = _as_dtype(dtype)
+    torch_dtype = as_dtype(dtype)
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype,
         "trust_remote_code": False,
