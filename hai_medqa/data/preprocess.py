@@ -1,0 +1,393 @@
+"""AI Hub healthcare QA label trees -> instruction jsonl (+ a JSON report beside it).
+
+Flow: discover sources -> index folder keys -> for each folder, in sorted key order: read its
+question and answer files, validate them, pair them, render the records -> drop exact duplicate
+(instruction, output) pairs -> stream lines into a temporary file that is renamed onto the output
+at the end. Folders can be handled by a process pool; results are consumed in key order, so the
+output is byte-identical for any number of workers and for folder or zip input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+from loguru import logger
+from tqdm import tqdm
+
+from ..io_utils import atomic_path, sha256_file, write_json
+from .pair import check_pairing, folder_rng, pair_indices
+from .read import (
+    ANSWER,
+    QUESTION,
+    DatasetIndex,
+    discover_sources,
+    file_stem,
+    list_folder_files,
+    read_zip_entry,
+    skip_reason_for_name,
+)
+from .schema import SKIP_REASONS, DataError, InvalidItem, make_record, parse_answer, parse_question
+
+EXAMPLES_PER_REASON = 5  # offending paths kept per skip reason in the report
+WARNINGS_PER_REASON = 10  # skipped files logged at WARNING per reason; the rest at DEBUG
+AUTO_WORKERS_MIN_FOLDERS = 64  # below this a process pool costs more than it saves
+
+
+@dataclass(frozen=True)
+class PairingOptions:
+    pairing: str = "round_robin"
+    seed: int = 0
+    drop_intro: bool = False
+    max_pairs_per_folder: int | None = None
+
+
+@dataclass
+class FolderTask:
+    """One folder key: folders to list (read by the worker) and zip entries (read by the parent,
+    which holds the open archives)."""
+
+    key: tuple[str, ...]
+    dirs: list[tuple[str, int, str]]  # (role, source index, folder path)
+    blobs: list[tuple[str, int, str, str, bytes | None, str | None, str]] = field(default_factory=list)
+    # (role, source index, nfc name, display path, bytes or None, skip reason or None, detail)
+
+
+@dataclass
+class FolderResult:
+    key: tuple[str, ...]
+    lines: list[str]
+    fingerprints: list[int]
+    files_seen: int = 0
+    files_read: int = 0
+    questions_valid: int = 0
+    answers_valid: int = 0
+    answers_used: int = 0
+    skips: list[tuple[str, str, str, str]] = field(default_factory=list)  # (reason, role, path, detail)
+
+
+def pair_fingerprint(instruction: str, output: str) -> int:
+    """64-bit fingerprint of an (instruction, output) pair, for exact-duplicate removal."""
+    digest = hashlib.blake2b(f"{instruction}\x00{output}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def process_folder(task: FolderTask, options: PairingOptions) -> FolderResult:
+    """Read, validate and pair one folder; return its rendered jsonl lines. Runs in a worker."""
+    result = FolderResult(task.key, [], [])
+    raw: list[tuple[str, str, int, str, bytes]] = []  # (role, nfc name, source, display, bytes)
+
+    def skip(reason: str, role: str, path: str, detail: str) -> None:
+        result.skips.append((reason, role, path, detail))
+
+    for role, source, folder in task.dirs:
+        try:
+            listing = list(list_folder_files(folder))
+        except OSError as e:
+            skip("read_error", role, folder, f"cannot list folder ({e.strerror})")
+            continue
+        for name, path, reason in listing:
+            result.files_seen += 1
+            if reason:
+                skip(reason, role, path, SKIP_REASONS[reason])
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                skip("read_error", role, path, e.strerror or str(e))
+                continue
+            result.files_read += 1
+            raw.append((role, name, source, path, data))
+    for role, source, name, display, data, reason, detail in task.blobs:
+        result.files_seen += 1
+        if data is None:
+            skip(reason or "read_error", role, display, detail)
+            continue
+        result.files_read += 1
+        raw.append((role, name, source, display, data))
+
+    raw.sort(key=lambda item: (item[1], item[2], item[3]))  # NFC name, then source: same for folder and zip
+    questions, answers = [], []
+    for role, name, _source, display, data in raw:
+        try:
+            obj = _loads(data)
+            if role == QUESTION:
+                questions.append(parse_question(obj, fallback_id=file_stem(name), folder=task.key))
+            else:
+                answers.append(parse_answer(obj, fallback_id=file_stem(name), drop_intro=options.drop_intro))
+        except InvalidItem as e:
+            skip(e.reason, role, display, e.detail)
+
+    result.questions_valid, result.answers_valid = len(questions), len(answers)
+    pairs = pair_indices(
+        len(questions),
+        len(answers),
+        mode=options.pairing,
+        rng=folder_rng(options.seed, task.key),
+        max_pairs=options.max_pairs_per_folder,
+    )
+    result.answers_used = len({a for _, a in pairs})
+    for q, a in pairs:
+        record = make_record(questions[q], answers[a])
+        result.lines.append(json.dumps(record, ensure_ascii=False))
+        result.fingerprints.append(pair_fingerprint(record["instruction"], record["output"]))
+    return result
+
+
+def _loads(data: bytes):
+    """JSON from bytes; a UTF-8 BOM is tolerated (json detects it), anything else is InvalidItem."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InvalidItem("not_utf8", f"invalid UTF-8 at byte {e.start}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidItem("malformed_json", f"{e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+class _Report:
+    """Counters and skip examples gathered while the run goes; `as_dict()` is the JSON report."""
+
+    def __init__(self) -> None:
+        self.skips: dict[str, dict] = {}
+        self.folders = {"total": 0, "paired": 0, "questions_only": 0, "answers_only": 0, "no_valid_files": 0}
+        self.files = {"seen": 0, "read": 0}
+        self.questions = {"valid": 0, "in_folders_without_answers": 0}
+        self.answers = {"valid": 0, "used": 0, "unused": 0}
+        self.records = {"paired": 0, "duplicates_removed": 0, "written": 0}
+
+    def skip(self, reason: str, role: str, path: str, detail: str) -> None:
+        entry = self.skips.setdefault(reason, {"count": 0, "questions": 0, "answers": 0, "examples": []})
+        entry["count"] += 1
+        if role == QUESTION:
+            entry["questions"] += 1
+        elif role == ANSWER:
+            entry["answers"] += 1
+        if len(entry["examples"]) < EXAMPLES_PER_REASON:
+            entry["examples"].append(f"{path}: {detail}")
+        level = "WARNING" if entry["count"] <= WARNINGS_PER_REASON else "DEBUG"
+        logger.log(level, "skipped {}: {} ({})", path, detail, reason)
+
+    def add_folder(self, r: FolderResult) -> None:
+        for skip in r.skips:
+            self.skip(*skip)
+        if r.files_seen == 0:  # an intermediate folder (category/disease level) holds no files
+            return
+        self.folders["total"] += 1
+        if r.questions_valid and r.answers_valid:
+            self.folders["paired"] += 1
+        elif r.questions_valid:
+            self.folders["questions_only"] += 1
+            self.questions["in_folders_without_answers"] += r.questions_valid
+        elif r.answers_valid:
+            self.folders["answers_only"] += 1
+        else:
+            self.folders["no_valid_files"] += 1
+        self.files["seen"] += r.files_seen
+        self.files["read"] += r.files_read
+        self.questions["valid"] += r.questions_valid
+        self.answers["valid"] += r.answers_valid
+        self.answers["used"] += r.answers_used
+        self.answers["unused"] += r.answers_valid - r.answers_used
+        self.records["paired"] += len(r.lines)
+
+    def as_dict(self) -> dict:
+        return {
+            "folders": self.folders,
+            "files": self.files,
+            "questions": self.questions,
+            "answers": self.answers,
+            "records": self.records,
+            "skipped": {k: self.skips[k] for k in sorted(self.skips)},
+        }
+
+
+def _tasks(index: DatasetIndex, keys: Sequence[tuple[str, ...]]) -> Iterator[FolderTask]:
+    """FolderTasks in key order; zip entries are read here, one folder at a time."""
+    for key in keys:
+        group = index.groups[key]
+        task = FolderTask(key, list(group.dirs))
+        for role, source, name, info in group.entries:
+            display = f"{index.sources[source].path}:{info.filename}"
+            reason = skip_reason_for_name(name)
+            if reason:  # judged by name, as for files in folders; never read
+                task.blobs.append((role, source, name, display, None, reason, SKIP_REASONS[reason]))
+                continue
+            try:
+                task.blobs.append((role, source, name, display, read_zip_entry(index.zips[source], info), None, ""))
+            except OSError as e:
+                task.blobs.append((role, source, name, display, None, "read_error", str(e)))
+        yield task
+
+
+def _results(tasks: Iterator[FolderTask], options: PairingOptions, workers: int) -> Iterator[FolderResult]:
+    """process_folder over tasks, in task order. With workers > 1 a bounded window of folders is in
+    flight, so memory stays at a few folders' worth whatever the dataset size."""
+    if workers <= 1:
+        for task in tasks:
+            yield process_folder(task, options)
+        return
+    # spawn, not fork: the caller may have torch or other threaded libraries loaded.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        window: deque[Future] = deque()
+        for task in tasks:
+            window.append(pool.submit(process_folder, task, options))
+            if len(window) >= 4 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def resolve_workers(workers: int | None, n_folders: int) -> int:
+    """None = automatic: one process for small inputs, otherwise one per CPU core (at most 8)."""
+    if workers is not None:
+        if workers < 1:
+            raise DataError(f"workers must be at least 1, got {workers}")
+        return workers
+    if n_folders < AUTO_WORKERS_MIN_FOLDERS:
+        return 1
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def default_report_path(output: str | os.PathLike) -> Path:
+    return Path(f"{output}.report.json")
+
+
+def run_preprocess(
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    pairing: str = "round_robin",
+    seed: int = 0,
+    drop_intro: bool = False,
+    max_pairs_per_folder: int | None = None,
+    split: str | None = None,
+    workers: int | None = None,
+    report_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """Turn AI Hub label trees into an instruction jsonl at `output`; return the report dict.
+
+    inputs: label-root folders, TL/VL or 02.라벨링데이터 folders or the dataset root (searched), or
+    TL.zip/VL.zip files. The report is also written to `report_path` (default `<output>.report.json`).
+    Raises DataError (one line, user-facing) for unusable inputs or when no record is produced; the
+    output file is only replaced after a complete, successful run.
+    """
+    started = time.monotonic()
+    if not inputs:
+        raise DataError("no input given")
+    check_pairing(pairing, max_pairs_per_folder)
+    options = PairingOptions(pairing, seed, drop_intro, max_pairs_per_folder)
+    output = Path(output)
+    report_path = Path(report_path) if report_path is not None else default_report_path(output)
+    sources, ignored = discover_sources(inputs, split=split)
+    for source in sources:
+        logger.info("reading {} {}", source.kind, source.path)
+    for item in ignored:
+        logger.info("not used: {} ({})", item["path"], item["reason"])
+
+    report = _Report()
+    seen_pairs: set[int] = set()  # 8 bytes of fingerprint per distinct record: the only per-record state
+    with DatasetIndex(sources, report.skip) as index:
+        keys = index.sorted_keys()
+        n_workers = resolve_workers(workers, len(keys))
+        logger.info("{} folders to pair ({} worker{})", len(keys), n_workers, "s" if n_workers > 1 else "")
+        with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as out:
+            bar = tqdm(total=len(keys), unit="folder", desc="preprocess", disable=not progress, dynamic_ncols=True)
+            for result in _results(_tasks(index, keys), options, n_workers):
+                report.add_folder(result)
+                for line, fp in zip(result.lines, result.fingerprints, strict=True):
+                    if fp in seen_pairs:
+                        report.records["duplicates_removed"] += 1
+                        continue
+                    seen_pairs.add(fp)
+                    out.write(line)
+                    out.write("\n")
+                    report.records["written"] += 1
+                bar.update(1)
+                bar.set_postfix(records=report.records["written"], refresh=False)
+            bar.close()
+            summary = {
+                "inputs": [str(p) for p in inputs],
+                "sources": [s.describe() for s in sources],
+                "not_used": ignored,
+                "options": {
+                    "pairing": pairing,
+                    "seed": seed,
+                    "drop_intro": drop_intro,
+                    "max_pairs_per_folder": max_pairs_per_folder,
+                    "split": split,
+                    "workers": n_workers,
+                },
+                **report.as_dict(),
+                "output": str(output),
+                "report": str(report_path),
+            }
+            if report.records["written"] == 0:
+                summary["seconds"] = round(time.monotonic() - started, 3)
+                write_json(report_path, summary)
+                raise DataError(
+                    f"no records produced from {', '.join(map(str, inputs))} "
+                    f"({report.files['read']} files read, {report.folders['paired']} folders with both "
+                    f"questions and answers); see {report_path}"
+                )
+    summary["output_sha256"] = sha256_file(output)
+    summary["seconds"] = round(time.monotonic() - started, 3)
+    write_json(report_path, summary)
+    return summary
+
+
+def format_summary(report: dict) -> str:
+    """A plain-text table of a report, for the end of a run."""
+    rows: list[tuple[str, str]] = []
+
+    def section(title: str) -> None:
+        rows.append((f"[{title}]", ""))
+
+    def row(label: str, value) -> None:
+        rows.append((f"  {label}", f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)))
+
+    section("sources")
+    for source in report["sources"]:
+        row(source["kind"], source["path"])
+    for item in report.get("not_used", []):
+        row("not used", f"{item['path']} ({item['reason']})")
+    section("folders")
+    for k, v in report["folders"].items():
+        row(k, v)
+    section("files")
+    row("seen", report["files"]["seen"])
+    row("read", report["files"]["read"])
+    row("valid questions", report["questions"]["valid"])
+    row("valid answers", report["answers"]["valid"])
+    row("questions in folders without answers", report["questions"]["in_folders_without_answers"])
+    row("answers never used", report["answers"]["unused"])
+    section("records")
+    for k, v in report["records"].items():
+        row(k, v)
+    section("skipped")
+    if not report["skipped"]:
+        row("(nothing)", "")
+    for reason, entry in report["skipped"].items():
+        row(f"{reason} ({SKIP_REASONS.get(reason, reason)})", entry["count"])
+    opts = report["options"]
+    section("options")
+    row("pairing", opts["pairing"])
+    row("seed", opts["seed"])
+    row("drop_intro", opts["drop_intro"])
+    row("max_pairs_per_folder", opts["max_pairs_per_folder"])
+    section("output")
+    row("jsonl", report["output"])
+    row("report", report["report"])
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}".rstrip() for label, value in rows)
