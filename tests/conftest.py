@@ -57,3 +57,51 @@ def tiny_llama_dir(tiny_exaone_dir) -> Path:
     from hai_medqa.model.convert import ensure_llama_checkpoint
 
     return ensure_llama_checkpoint(tiny_exaone_dir)
+
+
+# --- LoRA adapters for the merge/publish tests (owner: merge / H5) ------------------------------
+
+
+def make_lora_run(base_llama_dir: Path, run_dir: Path, *, seed: int = 0, use_rslora: bool = False) -> Path:
+    """A training-run-shaped folder (RUN_DIR/adapter_best + run files) holding a PEFT LoRA adapter
+    with non-zero deltas (init_lora_weights=False) on all seven projections of `base_llama_dir`."""
+    import json
+
+    import torch
+    import yaml
+    from peft import LoraConfig, get_peft_model
+
+    from hai_medqa.model.load import load_causal_lm, load_tokenizer
+
+    torch.manual_seed(seed)
+    model = load_causal_lm(base_llama_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_rslora=use_rslora, init_lora_weights=False,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(model, cfg)
+    adapter = run_dir / "adapter_best"
+    peft_model.save_pretrained(adapter)
+    load_tokenizer(base_llama_dir).save_pretrained(adapter)
+    (run_dir / "resolved_config.yaml").write_text(yaml.safe_dump({
+        "model": "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct", "seed": seed, "lora_r": 4, "lora_alpha": 8,
+        "lora_dropout": 0.0, "learning_rate": 0.003, "max_length": 512, "quantize_4bit": True,
+    }, sort_keys=False), encoding="utf-8")
+    (run_dir / "summary.json").write_text(json.dumps({"status": "finished", "global_step": 60,
+                                                      "best_val_loss": 4.25}), encoding="utf-8")
+    (run_dir / "run_info.json").write_text(json.dumps({"git_commit": "0123abc", "device": {"type": "cpu"}}),
+                                           encoding="utf-8")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_run(tiny_llama_dir, tmp_path_factory) -> Path:
+    """RUN_DIR with adapter_best/ trained-shape LoRA for the untied tiny model."""
+    return make_lora_run(tiny_llama_dir, tmp_path_factory.mktemp("lora_run") / "run")
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_run_tied(tiny_exaone_tied_dir, tmp_path_factory) -> Path:
+    """RUN_DIR with adapter_best/ for the tied-embedding tiny model."""
+    from hai_medqa.model.convert import ensure_llama_checkpoint
+
+    return make_lora_run(ensure_llama_checkpoint(tiny_exaone_tied_dir), tmp_path_factory.mktemp("lora_tied") / "run",
+                         seed=1)
