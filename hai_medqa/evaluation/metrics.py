@@ -101,20 +101,29 @@ def rouge_l(pred: Sequence[str], ref: Sequence[str]) -> Score:
     return _prf(lcs_length(pred, ref), len(pred), len(ref))
 
 
-def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean F1 over pairs: ``rouge1``, ``rouge2``, ``rougeL`` (morphemes) and ``char_rougeL``.
+def sample_scores(prediction: str, reference: str) -> dict[str, float]:
+    """F1 of one prediction against one reference: ``rouge1``, ``rouge2``, ``rougeL`` (morphemes) and
+    ``char_rougeL`` (characters)."""
+    pt, rt = morpheme_tokens(prediction), morpheme_tokens(reference)
+    return {
+        "rouge1": rouge_n(pt, rt, 1).f1,
+        "rouge2": rouge_n(pt, rt, 2).f1,
+        "rougeL": rouge_l(pt, rt).f1,
+        "char_rougeL": rouge_l(char_tokens(prediction), char_tokens(reference)).f1,
+    }
 
-    An empty input gives a ValueError (a mean over nothing is not a score).
-    """
+
+def rouge_report(predictions: Sequence[str], references: Sequence[str]) -> tuple[dict[str, float], list[dict]]:
+    """(mean over pairs of `sample_scores`, the per-pair scores). An empty input is a ValueError (a
+    mean over nothing is not a score)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         raise ValueError("no prediction/reference pairs to score")
-    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "char_rougeL": 0.0}
-    for pred, ref in zip(predictions, references, strict=True):
-        pt, rt = morpheme_tokens(pred), morpheme_tokens(ref)
-        totals["rouge1"] += rouge_n(pt, rt, 1).f1
-        totals["rouge2"] += rouge_n(pt, rt, 2).f1
-        totals["rougeL"] += rouge_l(pt, rt).f1
-        totals["char_rougeL"] += rouge_l(char_tokens(pred), char_tokens(ref)).f1
-    return {k: v / len(predictions) for k, v in totals.items()}
+    per_sample = [sample_scores(p, r) for p, r in zip(predictions, references, strict=True)]
+    return {k: sum(s[k] for s in per_sample) / len(per_sample) for k in per_sample[0]}, per_sample
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE F1s over prediction/reference pairs (see `rouge_report`)."""
+    return rouge_report(predictions, references)[0]

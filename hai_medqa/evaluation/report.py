@@ -1,0 +1,109 @@
+"""Side-by-side comparison of two evaluations (e.g. base vs fine-tune): JSON, markdown table, PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hai_medqa.io_utils import atomic_path, atomic_write_text, write_json
+
+# metric -> (display name, higher is better)
+_METRICS = {
+    "rouge1": ("ROUGE-1 (morpheme)", True),
+    "rouge2": ("ROUGE-2 (morpheme)", True),
+    "rougeL": ("ROUGE-L (morpheme)", True),
+    "char_rougeL": ("ROUGE-L (character)", True),
+    "answer_ppl": ("answer perplexity", False),
+}
+
+
+def comparison_rows(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per metric present in either result: name, both values, delta (b - a), better side."""
+    rows = []
+    keys: list[tuple[str, str, str, bool]] = [("metrics", k, name, hib) for k, (name, hib) in _METRICS.items()]
+    mcq_keys = list(dict.fromkeys([*(a.get("kormedmcqa") or {}), *(b.get("kormedmcqa") or {})]))
+    keys += [("kormedmcqa", k, f"KorMedMCQA {k}", True) for k in mcq_keys]
+    for group, key, name, higher_is_better in keys:
+        va = (a.get(group) or {}).get(key)
+        vb = (b.get(group) or {}).get(key)
+        if va is None and vb is None:
+            continue
+        delta = vb - va if va is not None and vb is not None else None
+        better = None
+        if delta is not None and delta != 0:
+            better = "B" if (delta > 0) == higher_is_better else "A"
+        rows.append({"group": group, "metric": key, "name": name, "a": va, "b": vb, "delta": delta,
+                     "higher_is_better": higher_is_better, "better": better})
+    return rows
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4f}"
+
+
+def markdown_table(rows: list[dict], label_a: str, label_b: str) -> str:
+    """A GitHub markdown table of `comparison_rows` (better value in bold)."""
+    lines = [f"| metric | {label_a} | {label_b} | Δ ({label_b} − {label_a}) |", "|---|---:|---:|---:|"]
+    for r in rows:
+        va, vb = _fmt(r["a"]), _fmt(r["b"])
+        if r["better"] == "A":
+            va = f"**{va}**"
+        elif r["better"] == "B":
+            vb = f"**{vb}**"
+        arrow = "↑" if r["higher_is_better"] else "↓"
+        delta = "—" if r["delta"] is None else f"{r['delta']:+.4f}"
+        lines.append(f"| {r['name']} {arrow} | {va} | {vb} | {delta} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(rows: list[dict], label_a: str, label_b: str, out_png: str | Path) -> Path:
+    """Grouped bars: scores in [0, 1] on the left, perplexity (own scale) on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = [r for r in rows if r["metric"] != "answer_ppl"]
+    ppl = [r for r in rows if r["metric"] == "answer_ppl"]
+    widths = [max(len(scores), 1), 1] if ppl else [1]
+    fig, axes = plt.subplots(1, len(widths), figsize=(2 + 1.1 * sum(widths), 4.2),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    w = 0.38
+
+    def bars(ax, subset, title):
+        xs = range(len(subset))
+        for offset, side, label, color in ((-w / 2, "a", label_a, "#8c8c8c"), (w / 2, "b", label_b, "#2a7ab9")):
+            vals = [r[side] if r[side] is not None else 0.0 for r in subset]
+            drawn = ax.bar([x + offset for x in xs], vals, w, label=label, color=color)
+            ax.bar_label(drawn, labels=[_fmt(r[side]) for r in subset], fontsize=7, padding=2, rotation=90)
+        ax.set_xticks(list(xs), [r["metric"] for r in subset], rotation=35, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.margins(y=0.25)
+
+    if scores:
+        bars(axes[0][0], scores, "higher is better")
+        axes[0][0].set_ylim(0, 1.15)
+        axes[0][0].legend(fontsize=8, loc="upper right")
+    if ppl:
+        bars(axes[0][-1], ppl, "lower is better")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=130)
+    plt.close(fig)
+    return out_png
+
+
+def write_comparison(out_dir: str | Path, result_a: Mapping, result_b: Mapping, label_a: str, label_b: str) -> dict:
+    """Write compare.json, compare.md and compare.png into `out_dir`; return the paths."""
+    out_dir = Path(out_dir)
+    rows = comparison_rows(result_a, result_b)
+    write_json(out_dir / "compare.json", {"a": label_a, "b": label_b, "rows": rows,
+                                          "results": {label_a: result_a, label_b: result_b}})
+    header = (f"# {label_a} vs {label_b}\n\nSame {result_a.get('samples', 0)} validation samples (seed "
+              f"{result_a.get('seed')}), same generation settings. ↑ higher is better, ↓ lower is better; "
+              "the better value is bold.\n\n")
+    atomic_write_text(out_dir / "compare.md", header + markdown_table(rows, label_a, label_b))
+    png = plot_comparison(rows, label_a, label_b, out_dir / "compare.png")
+    return {"json": out_dir / "compare.json", "markdown": out_dir / "compare.md", "png": png}
