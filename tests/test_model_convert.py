@@ -163,10 +163,14 @@ def _break_missing_shard(d):
     sorted(d.glob("model-*.safetensors"))[1].unlink()
 
 
+def _shard_holding(d, name):
+    return d / json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][name]
+
+
 def _break_shape(d):
-    shard = sorted(d.glob("model-*.safetensors"))[0]
+    name = "transformer.h.1.attn.attention.q_proj.weight"
+    shard = _shard_holding(d, name)
     tensors = load_file(str(shard))
-    name = next(k for k in tensors if k.endswith("q_proj.weight"))
     tensors[name] = torch.zeros(8, 64)
     save_file(tensors, str(shard), metadata={"format": "pt"})
 
@@ -182,7 +186,7 @@ def _break_unknown_tensor(d):
 
 
 def _break_missing_tensor(d):
-    shard = sorted(d.glob("model-*.safetensors"))[-1]
+    shard = _shard_holding(d, "transformer.ln_f.weight")
     tensors = load_file(str(shard))
     tensors.pop("transformer.ln_f.weight")
     save_file(tensors, str(shard), metadata={"format": "pt"})

@@ -149,3 +149,27 @@ def test_sdpa_and_4bit_load_run(tiny_exaone_dir):
     # NF4 rounding perturbs logits but keeps them strongly correlated with the exact ones.
     corr = torch.corrcoef(torch.stack([out4.flatten(), ref.flatten()]))[0, 1]
     assert corr > 0.9, corr
+
+
+def test_verify_command_compares_against_reference_logits(tiny_exaone_dir, tmp_path, capsys):
+    """`verify --stage converted` with reference logits saved by the original model: here the
+    independent reference forward stands in for EXAONE's remote code, which cannot run offline."""
+    from hai_medqa.model import verify
+
+    tok = load_tokenizer(tiny_exaone_dir)
+    inputs = verify.build_inputs(tok, ["두통이 있어요", "열이 나요"])
+    ref_logits = [reference_forward(tiny_exaone_dir, ids[0]) for ids in inputs]
+    good = tmp_path / "ref.pt"
+    torch.save({"input_ids": inputs, "logits": ref_logits}, good)
+    args = ["--model", str(tiny_exaone_dir), "--stage", "converted", "--logits-file", str(good), "--device", "cpu"]
+    assert verify.main(args) == 0
+    out = capsys.readouterr().out
+    assert "overall max |logit diff|" in out and "OK" in out
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"input_ids": inputs, "logits": [t + 0.01 * (t > 0) for t in ref_logits]}, bad)
+    assert verify.main([*args[:-3], str(bad), "--device", "cpu"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+    assert verify.main(["--model", str(tiny_exaone_dir)]) == 2  # original needs explicit remote-code consent
+    assert capsys.readouterr().err.startswith("error: loading the original EXAONE model runs its Hub code")

@@ -108,6 +108,17 @@ _FALLBACK_CORPUS = [
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
 
+def _record_texts(obj: Any) -> list[str]:
+    """Human text of an AI Hub question/answer record (not ids or participant codes)."""
+    if not isinstance(obj, dict):
+        return []
+    texts = [obj.get("question"), obj.get("disease_category"), obj.get("intention")]
+    for key in ("answer", "disease_name"):
+        texts.extend(_strings_in(obj.get(key)))
+    texts.extend(_strings_in(obj.get("department")))
+    return [t for t in texts if isinstance(t, str) and t.strip()]
+
+
 def _strings_in(obj: Any) -> Iterator[str]:
     if isinstance(obj, str):
         yield obj
@@ -126,7 +137,7 @@ def sample_corpus(sample_dir: Path = SAMPLE_DIR) -> list[str]:
     if sample_dir.is_dir():
         for path in sorted(sample_dir.rglob("*.json")):
             try:
-                texts.extend(s for s in _strings_in(json.loads(path.read_text(encoding="utf-8-sig"))) if s.strip())
+                texts.extend(_record_texts(json.loads(path.read_text(encoding="utf-8-sig"))))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 continue  # the sample deliberately contains broken files; skip them
     return texts or list(_FALLBACK_CORPUS)
