@@ -105,3 +105,26 @@ def tiny_lora_run_tied(tiny_exaone_tied_dir, tmp_path_factory) -> Path:
 
     return make_lora_run(ensure_llama_checkpoint(tiny_exaone_tied_dir), tmp_path_factory.mktemp("lora_tied") / "run",
                          seed=1)
+
+
+# --- bundled AI Hub sample and its preprocessed jsonl (owner: data / H1) --------------------------
+
+
+@pytest.fixture(scope="session")
+def aihub_sample_dir() -> Path:
+    """The bundled synthetic AI Hub sample (tree + TL.zip/VL.zip), read-only."""
+    from hai_medqa.data.sample_builder import SAMPLE_DIR
+
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def sample_jsonl(tmp_path_factory, aihub_sample_dir) -> dict[str, Path]:
+    """{"train": ..., "validation": ...}: the sample's TL.zip / VL.zip preprocessed with the defaults."""
+    from hai_medqa.data import run_preprocess
+
+    out = tmp_path_factory.mktemp("sample_jsonl")
+    paths = {"train": out / "train.jsonl", "validation": out / "val.jsonl"}
+    run_preprocess([aihub_sample_dir / "TL.zip"], paths["train"], progress=False)
+    run_preprocess([aihub_sample_dir / "VL.zip"], paths["validation"], progress=False)
+    return paths
