@@ -20,7 +20,7 @@ from hai_medqa.model.exaone_layout import ModelLayoutError
 from hai_medqa.publish import ModelCardError, PublishError
 from hai_medqa.publish.release import make_release
 
-USER_ERRORS = (MergeError, AdapterError, PublishError, ModelCardError, ModelLayoutError, OSError)
+USER_ERRORS = (MergeError, AdapterError, PublishError, ModelCardError, ModelLayoutError, OSError)  # ModelAcquisitionError is a ModelLayoutError
 
 
 def parse_size(text: str) -> int:

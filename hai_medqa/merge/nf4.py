@@ -32,6 +32,8 @@ class NF4Settings:
     quant_type: str = "nf4"
     double_quant: bool = True
     blocksize: int = 64
+    # dtype the trainer loaded the weights in before quantising them (None: as stored)
+    weight_dtype: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,8 +61,9 @@ def nf4_roundtrip(weight: torch.Tensor, settings: NF4Settings = NF4Settings()) -
     """
     import bitsandbytes.functional as bnbf
 
+    source = weight.to(getattr(torch, settings.weight_dtype)) if settings.weight_dtype else weight
     packed, state = bnbf.quantize_4bit(
-        weight.contiguous(),
+        source.contiguous(),
         blocksize=settings.blocksize,
         compress_statistics=settings.double_quant,
         quant_type=settings.quant_type,

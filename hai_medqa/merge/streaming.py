@@ -10,6 +10,7 @@ before the first byte is written, and the output folder appears only when comple
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import platform
 import shutil
@@ -203,17 +204,18 @@ def _tokenizer_size(folder: Path) -> int | None:
 
 
 def resolve_base(base: str | Path) -> Path:
-    """A local base folder as given, or a Hub model id downloaded (and cached) by the model stage."""
-    path = Path(base)
+    """A local base folder as given, or a Hub model's downloaded snapshot (EXAONE layout, read as is:
+    the merge renames tensors itself, so no converted copy is needed)."""
+    from hai_medqa.model.acquire import download_model, is_hub_id
+
+    path = Path(base).expanduser()
     if path.exists():
         if not path.is_dir():
             raise MergeError(f"base {path} is a file; expected a model folder or a Hub model id")
         return path
-    if str(base).count("/") != 1 or str(base).startswith((".", "/", "~")):
+    if not is_hub_id(str(base)):
         raise MergeError(f"base {base!r} is neither an existing folder nor a Hub model id (owner/name)")
-    from hai_medqa.model.acquire import resolve_model
-
-    return Path(resolve_model(str(base)))
+    return Path(download_model(str(base), None))
 
 
 def check_output_path(output: Path, inputs: list[Path], overwrite: bool) -> None:
@@ -315,6 +317,18 @@ def find_run_dir(adapter_dir: Path) -> Path | None:
     return parent if (parent / "resolved_config.yaml").is_file() or (parent / "run_info.json").is_file() else None
 
 
+def _training_load_dtype(run: Path | None) -> str | None:
+    """The dtype training loaded the base in (run_info.json resolved.compute_dtype), if recorded."""
+    if run is None or not (run / "run_info.json").is_file():
+        return None
+    try:
+        info = json.loads((run / "run_info.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    dtype = (info.get("resolved") or {}).get("compute_dtype") if isinstance(info, dict) else None
+    return dtype if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype) else None
+
+
 def find_eval_results(run: Path | None, eval_results: str | Path | None) -> Path | None:
     """The evaluation results to publish: the given file, else RUN_DIR/eval_results.json if present."""
     if eval_results is not None:
@@ -388,7 +402,6 @@ def merge_adapter(
         raise MergeError(f"layout must be 'llama' or 'exaone', got {layout!r}")
     if max_shard_bytes <= 0:
         raise MergeError("max_shard_bytes must be positive")
-    nf4 = nf4 or NF4Settings.from_project()
     output = Path(output)
 
     # --- everything is checked before anything is written -----------------------------------
@@ -398,6 +411,11 @@ def merge_adapter(
     check_adapter_fits(checkpoint, lora)
     run = Path(run_dir) if run_dir is not None else find_run_dir(lora.path)
     eval_path = find_eval_results(run, eval_results)
+    if nf4 is None:
+        nf4 = NF4Settings.from_project()
+        trained_dtype = _training_load_dtype(run)
+        if trained_dtype is not None:
+            nf4 = dataclasses.replace(nf4, weight_dtype=trained_dtype)
     check_output_path(output, [base_dir, lora.path] + ([run] if run else []), overwrite)
     tokenizer, tok_source, eos_id, pad_id = _prepare_tokenizer(lora.path, base_dir)
     gen_config = _generation_config(base_dir, tokenizer.bos_token_id, eos_id, pad_id)

@@ -30,7 +30,8 @@ _SETTING_KEYS = (
     "batch_size", "micro_batch_size", "per_device_batch_size", "grad_accum", "gradient_accumulation_steps",
     "tokens_per_step", "r", "rank", "lora_r", "alpha", "lora_alpha", "dropout", "lora_dropout",
     "target_modules", "quantize_4bit", "load_in_4bit", "dtype", "gradient_checkpointing", "optimizer",
-    "pairing",
+    "pairing", "batching", "tokens_per_micro_batch", "compute_dtype", "max_grad_norm", "overlong",
+    "early_stopping_patience", "profile", "attn_implementation",
 )
 
 
@@ -185,9 +186,12 @@ def _training_section(facts: Mapping[str, Any]) -> str:
     cfg = facts.get("train_config")
     adapter_cfg = facts.get("adapter_config") or {}
     rows: list[tuple[str, Any]] = []
-    for key in ("r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules"):
-        if adapter_cfg.get(key) is not None:
-            rows.append((f"LoRA {key}", adapter_cfg[key]))
+    labels = {"r": "LoRA rank r", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
+              "use_rslora": "rank-stabilised scaling (rsLoRA)", "target_modules": "LoRA target modules"}
+    for key, label in labels.items():
+        value = adapter_cfg.get(key)
+        if value is not None:
+            rows.append((label, sorted(value) if isinstance(value, (list, tuple, set)) else value))
     if isinstance(cfg, Mapping):
         for path, value in _flatten(cfg).items():
             leaf = path.rsplit(".", 1)[-1]
@@ -231,7 +235,7 @@ def render_model_card(
                 "(4-bit NF4 base) on Korean healthcare question answering.")
         form = "LoRA adapter (PEFT format, safetensors)."
     else:
-        into = {"original": "the original bf16 base weights",
+        into = {"original": "the original (unquantised) base weights",
                 "nf4": "the NF4-quantised-then-dequantised base weights (the exact training-time forward)"}
         what = (f"[{base_model}](https://huggingface.co/{base_model}) fine-tuned with QLoRA on Korean healthcare "
                 "question answering, with the LoRA update merged into "

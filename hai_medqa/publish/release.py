@@ -38,38 +38,53 @@ from hai_medqa.publish.license import REQUIRED_NAME_PREFIX, write_license
 from hai_medqa.publish.model_card import write_model_card
 
 PROJECT_SUFFIX = "HAI-MedQA"
-_HUB_ID_RE = re.compile(r"^(?:hub:)?(?P<id>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)")
+_RECORDED_HUB_RE = re.compile(r"^hub:(?P<id>[^@\s]+/[^@\s]+)(?:@|$)")
 # Files of an adapter folder that are published with it (PEFT weights + config, tokenizer + template).
 ADAPTER_RELEASE_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "tokenizer.json", "tokenizer_config.json",
                          "special_tokens_map.json", "chat_template.jinja", "added_tokens.json")
 
 
 def _hub_id(text: str | None) -> str | None:
-    if not text or Path(text).expanduser().exists():
+    """`text` when it is a Hub id (owner/name) and not a local path."""
+    from hai_medqa.model.acquire import is_hub_id
+
+    if not text or Path(text).expanduser().exists() or not is_hub_id(text):
         return None
-    m = _HUB_ID_RE.match(text)
+    return text
+
+
+def _recorded_hub_id(folder: str | Path | None) -> str | None:
+    """The Hub id a converted folder was downloaded as (the model stage records 'hub:<id>@<commit>')."""
+    if not folder or not Path(folder).expanduser().is_dir():
+        return None
+    _, source_id = conversion_source(Path(folder).expanduser())
+    m = _RECORDED_HUB_RE.match(source_id or "")
     return m["id"] if m else None
 
 
-def base_model_id(base: str, adapter_config: dict | None = None, explicit: str | None = None) -> str | None:
-    """The base model's Hub id for the card: `explicit`, else `base` when it is a Hub id, else the
-    id recorded by the model stage's conversion of the base folder, else the adapter's record."""
+def base_model_id(base: str, adapter_config: dict | None = None, explicit: str | None = None,
+                  run_dir: Path | None = None) -> str | None:
+    """The base model's Hub id for the card, from (first found): `explicit`; `base` when it is a Hub
+    id; the download record of the base folder, of the model the training run loaded
+    (run_info.json), or of the folder the adapter records; the adapter's record when it is a Hub id."""
     if explicit:
         return explicit
     if _hub_id(base):
-        return _hub_id(base)
-    path = Path(base).expanduser()
-    if path.is_dir():
-        _, source_id = conversion_source(path)
-        if _hub_id(source_id):
-            return _hub_id(source_id)
+        return base
+    candidates: list[str | None] = [base]
+    if run_dir is not None and (run_dir / "run_info.json").is_file():
+        try:
+            model = json.loads((run_dir / "run_info.json").read_text(encoding="utf-8")).get("model") or {}
+            candidates.append(model.get("local_path") if isinstance(model, dict) else None)
+        except (json.JSONDecodeError, AttributeError):
+            pass
     recorded = (adapter_config or {}).get("base_model_name_or_path")
-    if _hub_id(recorded):
-        return _hub_id(recorded)
-    if recorded and Path(recorded).expanduser().is_dir():
-        _, source_id = conversion_source(Path(recorded).expanduser())
-        return _hub_id(source_id)
-    return None
+    candidates.append(recorded)
+    for folder in candidates:
+        found = _recorded_hub_id(folder)
+        if found:
+            return found
+    return _hub_id(recorded)
 
 
 def default_repo_name(base_id: str | None, *, adapter_only: bool) -> str:
@@ -178,9 +193,12 @@ def make_release(
     """The whole last stage: merge (or package the adapter), write the card, then upload (`push`) or
     print the upload plan (`dry_run`). Names and the license rule are checked before the merge starts.
     Re-running after a failed upload reuses the finished folder instead of merging again."""
+    if repo_id:  # the license name rule first: nothing else is worth doing for a refused name
+        check_repo_id(repo_id, allow_noncompliant_name=allow_noncompliant_name)
     adapter_dir = resolve_adapter_dir(adapter)
     adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    base_id = base_model_id(base, adapter_config, base_model)
+    run = Path(run_dir) if run_dir is not None else find_run_dir(adapter_dir)
+    base_id = base_model_id(base, adapter_config, base_model, run)
     online = push and not dry_run
     if base_id is None:
         if online:
