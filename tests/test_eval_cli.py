@@ -77,6 +77,7 @@ def test_evaluate_writes_results_in_the_documented_schema(tmp_path, tiny_exaone_
     assert set(res["metrics"]) == {"rouge1", "rouge2", "rougeL", "char_rougeL", "answer_ppl"}
     assert all(0.0 <= res["metrics"][k] <= 1.0 for k in ("rouge1", "rouge2", "rougeL", "char_rougeL"))
     assert res["metrics"]["answer_ppl"] > 1.0
+    assert set(res["metrics_stderr"]) == {"rouge1", "rouge2", "rougeL", "char_rougeL"}
     assert set(res["kormedmcqa"]) == {"pharm", "dentist", "micro", "macro"}
     assert res["kormedmcqa_detail"]["fewshot"] == 1
     assert res["kormedmcqa_detail"]["subsets"]["pharm"]["n"] == 3

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import math
 import platform
 import random
 from dataclasses import dataclass, field
@@ -111,6 +112,15 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _stderr(values: list[float]) -> float | None:
+    """Standard error of the mean (sample std / sqrt(n)); None for fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
 def mcq_prompt(prompt: str, fmt: str) -> str:
     """A KorMedMCQA prompt as the model sees it: inside one user turn (chat; empty system turn, as the
     harness's --apply_chat_template does without a system instruction) or as raw text."""
@@ -142,6 +152,7 @@ def evaluate_model(lm: LoadedModel, opts: EvalOptions, inputs: EvalInputs, *, la
         predictions = generate(lm, prompts, opts.generation, batch_size=opts.batch_size, progress=True)
         means, per_sample = rouge_report(predictions, references)
         results["metrics"].update(means)
+        results["metrics_stderr"] = {k: _stderr([s[k] for s in per_sample]) for k in means}
         results["metrics_detail"] = {
             "tokenization": "kiwipiepy morphemes (punctuation dropped); char_rougeL on non-space characters",
             "aggregation": "mean of per-sample F1",
@@ -177,6 +188,9 @@ def evaluate_model(lm: LoadedModel, opts: EvalOptions, inputs: EvalInputs, *, la
             "max_new_tokens": opts.kormedmcqa_max_new_tokens,
             "decoding": "greedy",
             "subsets": scored["detail"],
+            # binomial standard error of each accuracy: sqrt(p (1 - p) / n)
+            "stderr": {sub: math.sqrt(acc * (1 - acc) / scored["detail"][sub]["n"])
+                       for sub, acc in scored["accuracy"].items() if sub in scored["detail"]},
         }
         artefacts["kormedmcqa_items"] = scored["items"]
     results["versions"] = _versions()
