@@ -24,25 +24,51 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
-        "--input", action="append", required=True, metavar="PATH",
+        "--input",
+        action="append",
+        required=True,
+        metavar="PATH",
         help="folder holding 1.질문/ and 2.답변/, a TL/VL or 02.라벨링데이터 folder or dataset root "
         "(searched), or TL.zip/VL.zip (read without extracting); repeat to combine",
     )
-    p.add_argument("--output", required=True, metavar="OUT.jsonl", help="jsonl to write (replaced atomically)")
     p.add_argument(
-        "--pairing", choices=PAIRING_MODES, default="round_robin",
+        "--output", required=True, metavar="OUT.jsonl", help="jsonl to write (replaced atomically)"
+    )
+    p.add_argument(
+        "--pairing",
+        choices=PAIRING_MODES,
+        default="round_robin",
         help="round_robin: one record per question, answers used evenly (default); cover: every "
         "question and every answer at least once; cross: Q x A product capped by --max-pairs-per-folder",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
-    p.add_argument("--drop-intro", action="store_true", help="leave the answer intro out (it often restates the question)")
-    p.add_argument("--max-pairs-per-folder", type=int, default=None, metavar="N",
-                   help="keep a seeded sample of at most N records per folder (required for cross)")
-    p.add_argument("--split", choices=tuple(SPLIT_MARKERS), default=None,
-                   help="when a searched folder holds both Training and Validation, read only this one")
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes reading folders (default: 1 for small inputs, else one per core, max 8)")
-    p.add_argument("--report", default=None, metavar="PATH", help="report JSON (default: <output>.report.json)")
+    p.add_argument(
+        "--drop-intro",
+        action="store_true",
+        help="leave the answer intro out (it often restates the question)",
+    )
+    p.add_argument(
+        "--max-pairs-per-folder",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep a seeded sample of at most N records per folder (required for cross)",
+    )
+    p.add_argument(
+        "--split",
+        choices=tuple(SPLIT_MARKERS),
+        default=None,
+        help="when a searched folder holds both Training and Validation, read only this one",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes reading folders (default: 1 for small inputs, else one per core, max 8)",
+    )
+    p.add_argument(
+        "--report", default=None, metavar="PATH", help="report JSON (default: <output>.report.json)"
+    )
     p.add_argument("--log-file", default=None, metavar="PATH", help="also write a DEBUG log here")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -72,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: interrupted; {args.output} was not changed", file=sys.stderr)
         return 130
     print(format_summary(report))
-    logger.info("wrote {:,} records to {} in {:.1f} s", report["records"]["written"], args.output, report["seconds"])
+    logger.info(
+        "wrote {:,} records to {} in {:.1f} s", report["records"]["written"], args.output, report["seconds"]
+    )
     return 0
 
 

@@ -9,15 +9,17 @@ output is byte-identical for any number of workers and for folder or zip input.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 from loguru import logger
@@ -32,6 +34,7 @@ from .read import (
     discover_sources,
     file_stem,
     list_folder_files,
+    read_file_bytes,
     read_zip_entry,
     skip_reason_for_name,
 )
@@ -39,7 +42,7 @@ from .schema import SKIP_REASONS, DataError, InvalidItem, make_record, parse_ans
 
 EXAMPLES_PER_REASON = 5  # offending paths kept per skip reason in the report
 WARNINGS_PER_REASON = 10  # skipped files logged at WARNING per reason; the rest at DEBUG
-AUTO_WORKERS_MIN_FOLDERS = 64  # below this a process pool costs more than it saves
+AUTO_WORKERS_MIN_FOLDERS = 256  # below this a process pool costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,7 @@ def process_folder(task: FolderTask, options: PairingOptions) -> FolderResult:
                 skip(reason, role, path, SKIP_REASONS[reason])
                 continue
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                data = read_file_bytes(path)
             except OSError as e:
                 skip("read_error", role, path, e.strerror or str(e))
                 continue
@@ -224,28 +226,51 @@ def _tasks(index: DatasetIndex, keys: Sequence[tuple[str, ...]]) -> Iterator[Fol
                 task.blobs.append((role, source, name, display, None, reason, SKIP_REASONS[reason]))
                 continue
             try:
-                task.blobs.append((role, source, name, display, read_zip_entry(index.zips[source], info), None, ""))
+                task.blobs.append(
+                    (role, source, name, display, read_zip_entry(index.zips[source], info), None, "")
+                )
             except OSError as e:
                 task.blobs.append((role, source, name, display, None, "read_error", str(e)))
         yield task
 
 
-def _results(tasks: Iterator[FolderTask], options: PairingOptions, workers: int) -> Iterator[FolderResult]:
-    """process_folder over tasks, in task order. With workers > 1 a bounded window of folders is in
-    flight, so memory stays at a few folders' worth whatever the dataset size."""
+def _start_method() -> str:
+    """fork starts workers at once; it is safe here because workers only read files and return
+    lists (no logging, no torch) and the pool is started before any thread (tqdm's monitor) exists.
+    A caller that already runs threads gets spawn."""
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        return "fork"
+    return "spawn"
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """A process pool with its workers already started, or None for one worker."""
     if workers <= 1:
+        yield None
+        return
+    ctx = multiprocessing.get_context(_start_method())
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pool.submit(int).result()  # launches every worker now, before the progress bar starts a thread
+        yield pool
+
+
+def _results(
+    tasks: Iterator[FolderTask], options: PairingOptions, pool: ProcessPoolExecutor | None, workers: int
+) -> Iterator[FolderResult]:
+    """process_folder over tasks, in task order. With a pool a bounded window of folders is in
+    flight, so memory stays at a few folders' worth whatever the dataset size."""
+    if pool is None:
         for task in tasks:
             yield process_folder(task, options)
         return
-    # spawn, not fork: the caller may have torch or other threaded libraries loaded.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        window: deque[Future] = deque()
-        for task in tasks:
-            window.append(pool.submit(process_folder, task, options))
-            if len(window) >= 4 * workers:
-                yield window.popleft().result()
-        while window:
+    window: deque[Future] = deque()
+    for task in tasks:
+        window.append(pool.submit(process_folder, task, options))
+        if len(window) >= 4 * workers:
             yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
 
 
 def resolve_workers(workers: int | None, n_folders: int) -> int:
@@ -256,7 +281,9 @@ def resolve_workers(workers: int | None, n_folders: int) -> int:
         return workers
     if n_folders < AUTO_WORKERS_MIN_FOLDERS:
         return 1
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return max(
+        1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    )
 
 
 def default_report_path(output: str | os.PathLike) -> Path:
@@ -302,9 +329,15 @@ def run_preprocess(
         keys = index.sorted_keys()
         n_workers = resolve_workers(workers, len(keys))
         logger.info("{} folders to pair ({} worker{})", len(keys), n_workers, "s" if n_workers > 1 else "")
-        with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as out:
-            bar = tqdm(total=len(keys), unit="folder", desc="preprocess", disable=not progress, dynamic_ncols=True)
-            for result in _results(_tasks(index, keys), options, n_workers):
+        with (
+            atomic_path(output) as tmp,
+            open(tmp, "w", encoding="utf-8", newline="\n") as out,
+            _worker_pool(n_workers) as pool,
+        ):
+            bar = tqdm(
+                total=len(keys), unit="folder", desc="preprocess", disable=not progress, dynamic_ncols=True
+            )
+            for result in _results(_tasks(index, keys), options, pool, n_workers):
                 report.add_folder(result)
                 for line, fp in zip(result.lines, result.fingerprints, strict=True):
                     if fp in seen_pairs:
@@ -355,7 +388,12 @@ def format_summary(report: dict) -> str:
         rows.append((f"[{title}]", ""))
 
     def row(label: str, value) -> None:
-        rows.append((f"  {label}", f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)))
+        rows.append(
+            (
+                f"  {label}",
+                f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value),
+            )
+        )
 
     section("sources")
     for source in report["sources"]:

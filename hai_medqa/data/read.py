@@ -108,7 +108,12 @@ def _search(root: Path, ignored: list[dict]) -> tuple[list[Path], list[Path]]:
             path = Path(entry.path)
             if entry.is_dir():
                 if RAW_DATA_MARKER in name:
-                    ignored.append({"path": str(path), "reason": "raw source data (원천데이터); labels are read from 02.라벨링데이터"})
+                    ignored.append(
+                        {
+                            "path": str(path),
+                            "reason": "raw source data (원천데이터); labels are read from 02.라벨링데이터",
+                        }
+                    )
                 elif is_label_root(path):
                     folders.append(path)
                 elif depth < MAX_SEARCH_DEPTH:
@@ -120,7 +125,9 @@ def _search(root: Path, ignored: list[dict]) -> tuple[list[Path], list[Path]]:
     return folders, zips
 
 
-def discover_sources(inputs: Iterable[str | os.PathLike], split: str | None = None) -> tuple[list[Source], list[dict]]:
+def discover_sources(
+    inputs: Iterable[str | os.PathLike], split: str | None = None
+) -> tuple[list[Source], list[dict]]:
     """Resolve every --input to label roots: a label-root folder itself, a zip, or a folder searched
     for them (TL/VL, 02.라벨링데이터, the dataset root). Returns (sources, ignored) where ignored lists
     what the search saw and did not use, with the reason.
@@ -161,14 +168,18 @@ def discover_sources(inputs: Iterable[str | os.PathLike], split: str | None = No
     return sources, ignored
 
 
-def _choose(root: Path, folders: list[Path], zips: list[Path], split: str | None, ignored: list[dict]) -> list[Source]:
+def _choose(
+    root: Path, folders: list[Path], zips: list[Path], split: str | None, ignored: list[dict]
+) -> list[Source]:
     """Pick among what a search found: extracted folders win over a zip of the same name (TL/ vs
     TL.zip), and Training/Validation must not be mixed silently."""
     folder_names = {nfc(part) for f in folders for part in f.relative_to(root).parts}
     candidates = [Source("folder", f, root) for f in folders]
     for z in zips:
         if nfc(z.stem) in folder_names:
-            ignored.append({"path": str(z), "reason": f"extracted folder '{z.stem}' found as well; using the folder"})
+            ignored.append(
+                {"path": str(z), "reason": f"extracted folder '{z.stem}' found as well; using the folder"}
+            )
         else:
             candidates.append(Source("zip", z, root))
     splits = {c: _split_of(c.path.relative_to(root).parts) for c in candidates}
@@ -198,7 +209,9 @@ class FolderGroup:
     """Everything stored under one relative folder (join key), across all sources."""
 
     dirs: list[tuple[str, int, str]] = field(default_factory=list)  # (role, source index, folder path)
-    entries: list[tuple[str, int, str, zipfile.ZipInfo]] = field(default_factory=list)  # (role, src, nfc name, info)
+    entries: list[tuple[str, int, str, zipfile.ZipInfo]] = field(
+        default_factory=list
+    )  # (role, src, nfc name, info)
 
 
 class DatasetIndex:
@@ -320,6 +333,19 @@ def list_folder_files(folder: str) -> Iterator[tuple[str, str, str | None]]:
         except OSError:
             reason = "not_regular_file"
         yield name, entry.path, reason
+
+
+def read_file_bytes(path: str) -> bytes:
+    """Whole file as bytes. os.open/os.read: the files are small (~1 KB) and millions, and this
+    skips the buffered-IO object that open() builds for each one."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def read_zip_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:

@@ -67,20 +67,27 @@ class Leaf:
     answers: list[tuple[str, str, str]]  # (intro, body, conclusion)
 
 
-def _question_texts(rng: random.Random, disease: Disease, intention: str) -> list[str]:
+def question_texts(rng: random.Random, disease: Disease, intention: str) -> list[str]:
     """Distinct question texts for a leaf, shuffled; splits take disjoint slices."""
     texts = [fill(t, disease.kor) for t in QUESTION_TEMPLATES[intention]]
     rng.shuffle(texts)
     return texts
 
 
-def _answers(rng: random.Random, disease: Disease, intention: str, n: int, taken: set) -> list[tuple[str, str, str]]:
+def make_answers(
+    rng: random.Random, disease: Disease, intention: str, n: int, taken: set
+) -> list[tuple[str, str, str]]:
     """n answers not in `taken`: an intro, 2-3 of the disease's facts for the intention, a conclusion."""
     facts = disease.facts[intention]
     dept = disease.department[0].split("\n")[0]
     answers = []
     while len(answers) < n:
-        intro = fill(rng.choice(ANSWER_INTROS), disease.kor, topic=INTENTION_TOPIC[intention], definition=disease.definition)
+        intro = fill(
+            rng.choice(ANSWER_INTROS),
+            disease.kor,
+            topic=INTENTION_TOPIC[intention],
+            definition=disease.definition,
+        )
         body = " ".join(rng.sample(facts, rng.randint(2, 3)))
         conclusion = fill(rng.choice(ANSWER_CONCLUSIONS), disease.kor, dept=dept)
         if (intro, body, conclusion) not in taken:
@@ -97,16 +104,36 @@ def plan_sample(seed: int = SAMPLE_SEED) -> tuple[list[Leaf], list[Leaf]]:
     validation_keys = {(d.kor, i) for d, i in rng.sample(pairs, VALIDATION_LEAVES)}
     train, validation = [], []
     for disease, intention in pairs:
-        texts = _question_texts(rng, disease, intention)
+        texts = question_texts(rng, disease, intention)
         taken: set = set()
         if (disease.kor, intention) in validation_keys:
             n_train, n_val = rng.randint(3, 5), rng.randint(3, 4)
-            train.append(Leaf(disease, intention, texts[:n_train], _answers(rng, disease, intention, rng.randint(2, 5), taken)))
-            validation.append(Leaf(disease, intention, texts[n_train : n_train + n_val],
-                                   _answers(rng, disease, intention, rng.randint(2, 3), taken)))
+            train.append(
+                Leaf(
+                    disease,
+                    intention,
+                    texts[:n_train],
+                    make_answers(rng, disease, intention, rng.randint(2, 5), taken),
+                )
+            )
+            validation.append(
+                Leaf(
+                    disease,
+                    intention,
+                    texts[n_train : n_train + n_val],
+                    make_answers(rng, disease, intention, rng.randint(2, 3), taken),
+                )
+            )
         else:
             n_train = rng.randint(3, 6)
-            train.append(Leaf(disease, intention, texts[:n_train], _answers(rng, disease, intention, rng.randint(2, 5), taken)))
+            train.append(
+                Leaf(
+                    disease,
+                    intention,
+                    texts[:n_train],
+                    make_answers(rng, disease, intention, rng.randint(2, 5), taken),
+                )
+            )
     for leaf in train + validation:  # some askers open with a greeting, as real questions do
         leaf.questions = [rng.choice(QUESTION_OPENERS) + q for q in leaf.questions]
     return train, validation
@@ -129,7 +156,9 @@ def question_json(qid: str, disease: Disease, intention: str, text: str, rng: ra
         "disease_name": {"kor": disease.kor, "eng": disease.eng},
         "intention": intention,
         "question": text,
-        "entities": [{"id": 0, "text": disease.kor, "entity": "질환명", "position": max(text.find(disease.kor), 0)}],
+        "entities": [
+            {"id": 0, "text": disease.kor, "entity": "질환명", "position": max(text.find(disease.kor), 0)}
+        ],
         "num_of_words": len(text.split()),
     }
 
@@ -160,10 +189,14 @@ def label_tree_files(leaves: list[Leaf], rng: random.Random, ids: dict[str, list
         folder = f"{leaf.disease.category}/{leaf.disease.kor}/{leaf.intention}"
         for text in leaf.questions:
             qid = f"HC-Q-{ids['q'].pop(0):07d}"
-            files[f"{QUESTION_DIR}/{folder}/{qid}.json"] = dump_json(question_json(qid, leaf.disease, leaf.intention, text, rng))
+            files[f"{QUESTION_DIR}/{folder}/{qid}.json"] = dump_json(
+                question_json(qid, leaf.disease, leaf.intention, text, rng)
+            )
         for parts in leaf.answers:
             aid = f"HC-A-{ids['a'].pop(0):08d}"
-            files[f"{ANSWER_DIR}/{folder}/{aid}.json"] = dump_json(answer_json(aid, leaf.disease, leaf.intention, parts))
+            files[f"{ANSWER_DIR}/{folder}/{aid}.json"] = dump_json(
+                answer_json(aid, leaf.disease, leaf.intention, parts)
+            )
     return files
 
 
@@ -194,7 +227,10 @@ def sample_files(seed: int = SAMPLE_SEED) -> dict[str, bytes]:
     rng = random.Random(seed + 1)
     n_q = sum(len(leaf.questions) for leaf in train + validation)
     n_a = sum(len(leaf.answers) for leaf in train + validation)
-    ids = {"q": sorted(rng.sample(range(100_000, 9_999_999), n_q)), "a": sorted(rng.sample(range(1_000_000, 99_999_999), n_a))}
+    ids = {
+        "q": sorted(rng.sample(range(100_000, 9_999_999), n_q)),
+        "a": sorted(rng.sample(range(1_000_000, 99_999_999), n_a)),
+    }
     tl = label_tree_files(train, rng, ids)
     vl = label_tree_files(validation, rng, ids)
     files = {f"{TRAIN_LABEL_ROOT}/{k}": v for k, v in tl.items()}
@@ -224,21 +260,30 @@ def check_sample(sample_dir: str | Path = SAMPLE_DIR, seed: int = SAMPLE_SEED) -
     present = {p.relative_to(sample_dir).as_posix() for p in sample_dir.rglob("*") if p.is_file()}
     problems = [f"missing: {rel}" for rel in sorted(set(expected) - present)]
     problems += [f"unexpected: {rel}" for rel in sorted(present - set(expected))]
-    problems += [f"differs: {rel}" for rel in sorted(present & set(expected)) if (sample_dir / rel).read_bytes() != expected[rel]]
+    problems += [
+        f"differs: {rel}"
+        for rel in sorted(present & set(expected))
+        if (sample_dir / rel).read_bytes() != expected[rel]
+    ]
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Build or check the bundled synthetic AI Hub sample.")
     p.add_argument("--out", default=str(SAMPLE_DIR), help=f"sample folder (default {SAMPLE_DIR})")
-    p.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on any difference")
+    p.add_argument(
+        "--check", action="store_true", help="compare instead of writing; exit 1 on any difference"
+    )
     args = p.parse_args(argv)
     if args.check:
         problems = check_sample(args.out)
         for line in problems:
             print(line)
         if problems:
-            print(f"error: {args.out} differs from the builder's output ({len(problems)} files)", file=sys.stderr)
+            print(
+                f"error: {args.out} differs from the builder's output ({len(problems)} files)",
+                file=sys.stderr,
+            )
             return 1
         print(f"{args.out}: identical to the builder's output")
         return 0

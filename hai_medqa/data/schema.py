@@ -78,14 +78,16 @@ class Answer:
     department: tuple[str, ...]
 
 
-_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"), None)
+_ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
 _BLANK_RUN = re.compile(r"\n{3,}")
 
 
 def normalize_text(text: str) -> str:
     """NFC, no zero-width characters, runs of spaces/tabs -> one space, lines stripped,
     at most one blank line in a row, no leading/trailing blank lines."""
-    text = unicodedata.normalize("NFC", text).translate(_ZERO_WIDTH)
+    text = unicodedata.normalize("NFC", text)  # returns the same object at once when already NFC
+    if _ZERO_WIDTH.search(text):
+        text = _ZERO_WIDTH.sub("", text)
     if "\n" not in text and "\r" not in text:  # the common case: one line
         return " ".join(text.split())
     lines = [" ".join(line.split()) for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
@@ -173,7 +175,9 @@ def parse_answer(obj: Any, *, fallback_id: str, drop_intro: bool = False) -> Ans
             parts.append(value)
     if not parts:
         raise InvalidItem("empty_text", "answer parts are empty" + (" (intro dropped)" if drop_intro else ""))
-    return Answer(_file_id(obj, fallback_id), ANSWER_PART_SEPARATOR.join(parts), _departments(obj.get("department")))
+    return Answer(
+        _file_id(obj, fallback_id), ANSWER_PART_SEPARATOR.join(parts), _departments(obj.get("department"))
+    )
 
 
 def make_record(question: Question, answer: Answer) -> dict:
