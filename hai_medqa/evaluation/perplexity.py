@@ -20,16 +20,20 @@ from tqdm import tqdm
 
 from hai_medqa.train.sft_data import IGNORE_INDEX, TokenizedDataset, tokenize_records
 
+_HEAD_CHUNK = 2048  # answer positions per LM-head call (2048 x 102400 float32 logits = 0.8 GB)
+
 
 @torch.inference_mode()
 def answer_nll(model, ds: TokenizedDataset, *, batch_size: int = 8, pad_token_id: int = 0,
                progress: bool = False) -> tuple[float, int]:
     """(sum of answer-token negative log-likelihoods in nats, number of answer tokens) over `ds`.
 
-    Right-padded batches with an attention mask and no KV cache (a full forward pass per batch).
-    Log-softmax runs in float32 whatever the model dtype.
+    Right-padded batches with an attention mask and no KV cache. The LM head runs only on answer
+    positions, and log-softmax in float32 whatever the model dtype.
     """
     device = next(model.parameters()).device
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA stays injected
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
     order = sorted(range(len(ds)), key=lambda i: -int(ds.lengths[i]))  # similar lengths together
     total_nll, total_tokens = 0.0, 0
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -45,14 +49,16 @@ def answer_nll(model, ds: TokenizedDataset, *, batch_size: int = 8, pad_token_id
             labels[row, :n] = torch.as_tensor(ds.labels(i))
             mask[row, :n] = 1
         ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        # token t is predicted from position t-1
-        shift_logits = logits[:, :-1].float()
-        shift_labels = labels[:, 1:]
-        nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                              ignore_index=IGNORE_INDEX, reduction="sum")
-        total_nll += float(nll)
-        total_tokens += int((shift_labels != IGNORE_INDEX).sum())
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        # token t is predicted from position t-1; only answer positions go through the LM head, in
+        # chunks, so a batch never materialises (batch x length x 102400) logits
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        h, y = hidden[:, :-1][keep], targets[keep]
+        for start in range(0, len(y), _HEAD_CHUNK):
+            logits = head(h[start : start + _HEAD_CHUNK]).float()
+            total_nll += float(F.cross_entropy(logits, y[start : start + _HEAD_CHUNK], reduction="sum"))
+        total_tokens += int(y.numel())
     return total_nll, total_tokens
 
 
