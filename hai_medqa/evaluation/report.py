@@ -77,7 +77,8 @@ def plot_comparison(rows: list[dict], label_a: str, label_b: str, out_png: str |
             vals = [r[side] if r[side] is not None else 0.0 for r in subset]
             drawn = ax.bar([x + offset for x in xs], vals, w, label=label, color=color)
             ax.bar_label(drawn, labels=[_fmt(r[side]) for r in subset], fontsize=7, padding=2, rotation=90)
-        ax.set_xticks(list(xs), [r["metric"] for r in subset], rotation=35, ha="right", fontsize=8)
+        names = [r["metric"] if r["group"] == "metrics" else f"MCQA {r['metric']}" for r in subset]
+        ax.set_xticks(list(xs), names, rotation=35, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.margins(y=0.25)
 
