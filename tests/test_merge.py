@@ -176,8 +176,11 @@ def test_existing_output_is_kept_unless_overwrite(tiny_exaone_dir, tiny_lora_run
     with pytest.raises(MergeError, match="already exists"):
         merge_adapter(tiny_exaone_dir, tiny_lora_run / "adapter_best", out)
     assert (out / "keep.txt").read_text() == "mine"
-    with pytest.raises(MergeError, match="overlaps"):
-        merge_adapter(tiny_exaone_dir, tiny_lora_run / "adapter_best", tiny_lora_run / "merged")
+    for unsafe in (tiny_lora_run, tiny_lora_run / "adapter_best", tiny_lora_run / "adapter_best" / "x",
+                   tiny_exaone_dir):
+        with pytest.raises(MergeError, match="overlaps"):
+            merge_adapter(tiny_exaone_dir, tiny_lora_run / "adapter_best", unsafe, overwrite=True)
+    assert (tiny_lora_run / "adapter_best" / "adapter_model.safetensors").is_file()
 
 
 def test_side_files(tiny_exaone_dir, tiny_lora_run, tmp_path):

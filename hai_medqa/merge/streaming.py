@@ -218,11 +218,15 @@ def resolve_base(base: str | Path) -> Path:
     return Path(download_model(str(base), None))
 
 
-def check_output_path(output: Path, inputs: list[Path], overwrite: bool) -> None:
+def check_output_path(output: Path, inputs: list[Path], overwrite: bool, *, may_contain: list[Path] = ()) -> None:
+    """Refuse an output that is, contains or sits inside an input folder (replacing it would destroy
+    the input), except inside the `may_contain` folders (RUN_DIR/merged is fine); and an existing,
+    non-empty output unless `overwrite`."""
     out = output.resolve()
-    for p in inputs:
+    for p in [*inputs, *may_contain]:
         p = p.resolve()
-        if out == p or out in p.parents or p in out.parents:
+        inside = p in out.parents and p not in {m.resolve() for m in may_contain}
+        if out == p or out in p.parents or inside:
             raise MergeError(f"output {output} overlaps the input folder {p}; choose a separate folder")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise MergeError(f"output {output} already exists; pass --overwrite to replace it (only after success)")
@@ -416,7 +420,7 @@ def merge_adapter(
         trained_dtype = _training_load_dtype(run)
         if trained_dtype is not None:
             nf4 = dataclasses.replace(nf4, weight_dtype=trained_dtype)
-    check_output_path(output, [base_dir, lora.path] + ([run] if run else []), overwrite)
+    check_output_path(output, [base_dir, lora.path], overwrite, may_contain=[run] if run else [])
     tokenizer, tok_source, eos_id, pad_id = _prepare_tokenizer(lora.path, base_dir)
     gen_config = _generation_config(base_dir, tokenizer.bos_token_id, eos_id, pad_id)
     out_config = _output_config(checkpoint, layout, output)

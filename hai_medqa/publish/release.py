@@ -120,7 +120,8 @@ def build_adapter_release(
     run = Path(run_dir) if run_dir is not None else find_run_dir(lora.path)
     eval_path = find_eval_results(run, eval_results)
     output = Path(output)
-    check_output_path(output, [lora.path] + ([base_dir] if base_dir else []) + ([run] if run else []), overwrite)
+    check_output_path(output, [lora.path] + ([base_dir] if base_dir else []), overwrite,
+                      may_contain=[run] if run else [])
     with atomic_dir(output) as tmp:
         for name in ADAPTER_RELEASE_FILES:
             if (lora.path / name).is_file():
