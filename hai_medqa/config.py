@@ -165,8 +165,9 @@ def _unknown_key_error(key: str, known: Sequence[str], source: str) -> ConfigErr
 def _parse_cli_value(raw: str, tp: Any) -> Any:
     # Strings stay verbatim (a system prompt "yes" must not become True); everything else goes
     # through YAML so "null", "8", "[q_proj, v_proj]" and "true" mean what they look like.
-    if tp is str:
-        return raw
+    members = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    if all(m in (str, type(None)) for m in members):
+        return raw  # _coerce still turns "null" into None for optional strings
     try:
         return yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError:

@@ -41,6 +41,8 @@ class TrainConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     seed: int = 42
+    cpu_threads: int | None = None
+    """torch threads when training on CPU (null = torch's default); 1 is fastest for the tiny model."""
 
     # --- speed / memory bundle (fills the keys below that are not set explicitly)
     profile: Literal["auto", "fast", "lean", "plain"] = "auto"
@@ -97,12 +99,12 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ConfigError for values that are individually typed right but unusable together."""
         positive = ["max_length", "tokens_per_micro_batch", "micro_batch_size", "gradient_accumulation_steps",
-                    "lora_r", "lora_alpha", "eval_steps", "checkpoint_every_n_layers", "save_steps", "logging_steps", "save_total_limit",
-                    "num_epochs"]
+                    "lora_r", "lora_alpha", "eval_steps", "checkpoint_every_n_layers", "save_steps", "logging_steps",
+                    "save_total_limit", "num_epochs"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "max_train_samples", "max_eval_samples"):
+        for name in ("max_steps", "max_train_samples", "max_eval_samples", "cpu_threads"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be positive or null, got {v}")

@@ -111,7 +111,7 @@ def read_sft_records(path: str | Path, *, what: str = "train_file") -> tuple[lis
     if len(bad) > _MAX_WARNINGS:
         logger.warning(f"... and {len(bad) - _MAX_WARNINGS} more unusable records in {path}")
     if not out:
-        raise DataError(f"{what} has no usable records: {path} ({len(bad)} of {n_lines} unusable; first: {bad[0]})")
+        raise DataError(f"{what} has no usable records: {path} (all {len(bad)} unusable; first: {bad[0]})")
     return out, {"records": n_lines, "unusable_records": len(bad)}
 
 

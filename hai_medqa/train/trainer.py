@@ -700,6 +700,12 @@ class Trainer:
 
 def run_training(cfg: TrainConfig, explicit: Iterable[str] = (), *, callbacks: Iterable[Callable] = ()) -> dict:
     """Set up and run one training job; return its summary (status: completed, early_stopped, interrupted)."""
-    trainer = Trainer(cfg, explicit, callbacks=callbacks)
-    trainer.setup()
-    return trainer.train()
+    threads = torch.get_num_threads()
+    if cfg.cpu_threads and not torch.cuda.is_available():
+        torch.set_num_threads(cfg.cpu_threads)
+    try:
+        trainer = Trainer(cfg, explicit, callbacks=callbacks)
+        trainer.setup()
+        return trainer.train()
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,104 @@
+"""Config loading: YAML + CLI overrides, types, unknown keys, profiles, and the shipped configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from hai_medqa.config import ConfigError, load_config, parse_cli_overrides, save_config
+from hai_medqa.train.config import LORA_TARGET_MODULES, PROFILES, TrainConfig, resolve_profile
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_parse_cli_overrides_forms():
+    got = parse_cli_overrides(["--lora-r", "8", "--resume", "--learning_rate=1e-4", "--val-file", "null",
+                               "--profile", "fast"])
+    assert got == {"lora_r": "8", "resume": "true", "learning_rate": "1e-4", "val_file": "null", "profile": "fast"}
+    with pytest.raises(ConfigError, match="unexpected command-line argument 'oops'"):
+        parse_cli_overrides(["oops"])
+
+
+def test_yaml_then_cli_precedence_and_types(tmp_path):
+    cfg_file = write(tmp_path, "lora_r: 32\nlearning_rate: 2e-4\nmax_steps: 10\nliger_kernel: auto\n")
+    cfg, explicit = load_config(TrainConfig, cfg_file, parse_cli_overrides(
+        ["--lora-r", "8", "--resume", "--liger-kernel", "false", "--lora-target-modules", "q_proj,v_proj",
+         "--max-steps", "null", "--system-prompt", "yes"]))
+    assert cfg.lora_r == 8 and isinstance(cfg.lora_r, int)
+    assert cfg.learning_rate == pytest.approx(2e-4) and isinstance(cfg.learning_rate, float)  # YAML 1.1 reads "2e-4" as str
+    assert cfg.resume is True
+    assert cfg.liger_kernel is False
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    assert cfg.max_steps is None
+    assert cfg.system_prompt == "yes"  # strings stay verbatim
+    assert explicit == {"lora_r", "learning_rate", "max_steps", "liger_kernel", "resume", "lora_target_modules",
+                        "system_prompt"}
+    assert cfg.lora_alpha == 32 and cfg.lora_dropout == 0.05  # untouched defaults
+
+
+@pytest.mark.parametrize(("text", "argv", "message"), [
+    ("lora_rank: 8\n", [], r"c\.yaml: unknown config key 'lora_rank' \(did you mean 'lora_r'\?\)"),
+    ("", ["--learnin-rate", "1e-3"], r"command line: unknown config key 'learnin_rate' \(did you mean 'learning_rate'\?\)"),
+    ("lora_r: eight\n", [], r"lora_r: 'eight': must be an integer"),
+    ("", ["--batching", "zigzag"], r"--batching zigzag: must be one of 'packed', 'padded'"),
+    ("", ["--gradient-checkpointing", "maybe"], r"must be true or false"),
+    ("", ["--lora-dropout", "1.5"], r"lora_dropout must be in \[0, 1\)"),
+    ("max_length: 4096\ntokens_per_micro_batch: 2048\n", [], r"max_length \(4096\) exceeds tokens_per_micro_batch"),
+    ("", ["--lora-target-modules", "q_proj,embed_tokens"], r"lora_target_modules has \['embed_tokens'\]"),
+    ("- a\n- b\n", [], r"must be a mapping"),
+    ("lora_r: [1\n", [], r"c\.yaml:\d+: not valid YAML"),
+])
+def test_bad_config_gives_one_line_error(tmp_path, text, argv, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(TrainConfig, write(tmp_path, text), parse_cli_overrides(argv))
+    assert "\n" not in str(e.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(TrainConfig, tmp_path / "nope.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg, _ = load_config(TrainConfig, None, {"lora_r": "4", "system_prompt": "의료 상담", "val_file": "null"})
+    save_config(cfg, tmp_path / "r.yaml")
+    again, _ = load_config(TrainConfig, tmp_path / "r.yaml")
+    assert again == cfg
+
+
+def test_issue_defaults():
+    cfg = TrainConfig()
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (16, 32, 0.05)
+    assert cfg.lora_target_modules == LORA_TARGET_MODULES and len(set(cfg.lora_target_modules)) == 7
+    assert cfg.quantize_4bit and cfg.gradient_checkpointing and cfg.optimizer == "paged_adamw_8bit"
+    assert cfg.lr_scheduler == "cosine" and cfg.warmup_ratio > 0 and cfg.max_grad_norm > 0
+    assert cfg.batching == "packed"
+
+
+def test_profile_fills_only_unset_keys():
+    cfg = TrainConfig(profile="fast", lora_dropout=0.1)
+    fast, name = resolve_profile(cfg, {"profile", "lora_dropout"}, on_gpu=True)
+    assert name == "fast"
+    assert fast.attn_implementation == PROFILES["fast"]["attn_implementation"]
+    assert fast.pad_to_fixed_length is True
+    assert fast.lora_dropout == 0.1  # explicit wins over the profile's 0.0
+    auto_cpu, name = resolve_profile(TrainConfig(), set(), on_gpu=False)
+    assert name == "plain" and auto_cpu.attn_implementation == "sdpa" and auto_cpu.liger_kernel is False
+    _, name = resolve_profile(TrainConfig(), set(), on_gpu=True)
+    assert name == "lean"
+
+
+@pytest.mark.parametrize("name", ["exaone35_7.8b_qlora.yaml", "exaone35_2.4b_qlora.yaml", "tiny_cpu.yaml"])
+def test_shipped_configs_load(repo_root, name):
+    cfg, explicit = load_config(TrainConfig, repo_root / "configs" / name)
+    assert explicit  # the file sets keys, all of them known
+    assert cfg.quantize_4bit
+    if name.startswith("exaone35"):
+        assert cfg.model.startswith("LGAI-EXAONE/EXAONE-3.5-")
+        assert dataclasses.replace(cfg, model="x", output_dir="x", learning_rate=2e-4) == dataclasses.replace(
+            TrainConfig(), model="x", output_dir="x", max_eval_samples=2000)

@@ -1,0 +1,192 @@
+"""Padding-free packing: the plan, the tensors, and exactness against running each sample alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hai_medqa import chat_format
+from hai_medqa.train.packing import (
+    collate_packed,
+    collate_padded,
+    count_loss_tokens,
+    group_into_steps,
+    pack_in_order,
+    plan_epoch,
+)
+from hai_medqa.train.sft_data import IGNORE_INDEX, TokenizedDataset, tokenize_records
+
+QA = [
+    ("두통이 자주 생겨요. 예방법이 있나요?", "규칙적인 수면과 수분 섭취가 도움이 됩니다."),
+    ("감기에 걸렸을 때 어떻게 하나요?", "충분히 쉬고 물을 많이 드세요. 열이 계속되면 병원에 가세요. " * 3),
+    ("당뇨병 환자의 식단은?", "통곡물과 채소 위주로 드시고 단 음료는 피하세요."),
+    ("고혈압 약은 언제 먹나요?", "의사가 정한 시간에 매일 같은 시각에 드세요. " * 2),
+    ("천식 발작이 오면?", "흡입기를 사용하고 호전이 없으면 119에 연락하세요."),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_exaone_dir):
+    from hai_medqa.model.load import load_tokenizer
+
+    return load_tokenizer(tiny_exaone_dir)
+
+
+@pytest.fixture(scope="module")
+def ds(tokenizer) -> TokenizedDataset:
+    records = [(i + 1, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+               for i, (q, a) in enumerate(QA)]
+    return tokenize_records(records, tokenizer, max_length=4096, system_prompt=chat_format.DEFAULT_SYSTEM_PROMPT)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_exaone_dir):
+    """The tiny EXAONE stand-in through the real conversion path, fp32, in train mode (no dropout)."""
+    from hai_medqa.model.load import load_causal_lm
+
+    m = load_causal_lm(tiny_exaone_dir, quantize_4bit=False, dtype=torch.float32, attn_implementation="sdpa")
+    m.config.use_cache = False
+    return m.train()
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the answer tokens of one sample."""
+    return torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def test_pack_in_order_respects_budget_and_keeps_every_sample():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 300, size=200)
+    rows = pack_in_order(lengths, rng.permutation(200), budget=600)
+    flat = [i for r in rows for i in r]
+    assert sorted(flat) == list(range(200))
+    assert all(sum(lengths[i] for i in r) <= 600 for r in rows)
+    # next-fit: each row but the last was closed only because the next sample did not fit
+    for r, nxt in zip(rows, rows[1:], strict=False):
+        assert sum(lengths[i] for i in r) + lengths[nxt[0]] > 600
+    with pytest.raises(ValueError, match="more than the row budget"):
+        pack_in_order([10, 700], [0, 1], budget=600)
+
+
+def test_plan_is_a_pure_function_of_seed_and_epoch():
+    lengths = list(range(5, 105))
+    a = plan_epoch(lengths, seed=1, epoch=0, tokens_per_micro_batch=300)
+    assert a == plan_epoch(lengths, seed=1, epoch=0, tokens_per_micro_batch=300)
+    assert a != plan_epoch(lengths, seed=1, epoch=1, tokens_per_micro_batch=300)
+    assert a != plan_epoch(lengths, seed=2, epoch=0, tokens_per_micro_batch=300)
+    padded = plan_epoch(lengths, seed=1, epoch=0, batching="padded", micro_batch_size=8)
+    assert [len(b) for b in padded] == [8] * 12 + [4]
+
+
+def test_group_into_steps_shares_micro_batches_evenly():
+    mbs = [[i] for i in range(11)]
+    steps = group_into_steps(mbs, accumulation=2, world_size=2)
+    assert [len(s) for s in steps] == [4, 4, 2]  # the 11th is dropped so both ranks get the same count
+    assert [mb for s in steps for mb in s] == mbs[:10]
+    assert [len(s[r::2]) for s in steps for r in range(2)] == [2, 2, 2, 2, 1, 1]
+
+
+def test_collate_packed_layout(ds):
+    row = collate_packed(ds, [0, 2, 4], pad_to=1000, pad_token_id=0)
+    lens = [int(ds.lengths[i]) for i in (0, 2, 4)]
+    pos = row["position_ids"][0].tolist()
+    assert row["input_ids"].shape == row["labels"].shape == row["position_ids"].shape == (1, 1000)
+    assert "attention_mask" not in row  # transformers derives per-sample attention from position_ids
+    off = 0
+    for n in lens:
+        assert pos[off:off + n] == list(range(n))
+        off += n
+    assert pos[off:] == list(range(1000 - off))  # filler: its own position run
+    assert (row["labels"][0, off:] == IGNORE_INDEX).all() and (row["input_ids"][0, off:] == 0).all()
+    assert count_loss_tokens(row) == sum(int(ds.answer_lengths[i]) for i in (0, 2, 4))
+
+
+def test_packed_loss_equals_each_sample_alone(ds, model):
+    idx = [0, 1, 2, 3, 4]
+    row = collate_packed(ds, idx)
+    with torch.no_grad():
+        packed_logits = model(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False).logits[0]
+        unpacked_logits = model(input_ids=row["input_ids"], use_cache=False).logits[0]  # one long causal sequence
+        off, worst_unpacked = 0, 0.0
+        for i in idx:
+            ids, _ = ds.sample(i)
+            n = len(ids)
+            labels = torch.from_numpy(ds.labels(i))
+            alone_logits = model(input_ids=torch.from_numpy(ids.astype(np.int64))[None], use_cache=False).logits[0]
+            alone = per_sample_loss(alone_logits, labels)
+            packed = per_sample_loss(packed_logits[off:off + n], labels)
+            assert abs(packed.item() - alone.item()) <= 1e-5 * max(1.0, abs(alone.item())), i
+            assert torch.allclose(packed_logits[off:off + n], alone_logits, atol=1e-5)
+            worst_unpacked = max(worst_unpacked, (unpacked_logits[off:off + n] - alone_logits).abs().max().item())
+            off += n
+    assert worst_unpacked > 1e-2  # without the position-id restarts the samples do see each other
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_no_attention_crosses_sample_boundaries(ds, model, attn):
+    model.set_attn_implementation(attn)
+    try:
+        row = collate_packed(ds, [1, 3])
+        n1 = int(ds.lengths[1])
+        changed = row["input_ids"].clone()
+        changed[0, :n1] = torch.randint(5, 200, (n1,), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            a = model(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False).logits[0]
+            b = model(input_ids=changed, position_ids=row["position_ids"], use_cache=False).logits[0]
+            plain = model(input_ids=changed, use_cache=False).logits[0]
+        assert (a[:n1] - b[:n1]).abs().max() > 1e-3  # sample 1 did change
+        assert torch.equal(a[n1:], b[n1:]) or (a[n1:] - b[n1:]).abs().max() <= 1e-6  # sample 2 did not
+        assert (a[n1:] - plain[n1:]).abs().max() > 1e-3  # ...which a plain causal row would not guarantee
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_fixed_length_filler_changes_nothing(ds, model):
+    plain = collate_packed(ds, [0, 4])
+    fixed = collate_packed(ds, [0, 4], pad_to=plain["input_ids"].shape[1] + 37)
+    n = plain["input_ids"].shape[1]
+    with torch.no_grad():
+        a = model(input_ids=plain["input_ids"], position_ids=plain["position_ids"], use_cache=False).logits[0]
+        b = model(input_ids=fixed["input_ids"], position_ids=fixed["position_ids"], use_cache=False).logits[0]
+    assert torch.allclose(a, b[:n], atol=1e-5)
+
+
+def test_step_loss_is_the_token_mean_however_the_step_is_batched(ds, model):
+    """Summed per-micro-batch losses divided by the step's answer tokens: one packed row, two packed rows
+    and a padded batch give the same loss and the same gradients (what Trainer.train_step relies on)."""
+    n_items = torch.tensor(float(sum(int(ds.answer_lengths[i]) for i in range(5))))
+    layouts = {
+        "one_row": [collate_packed(ds, [0, 1, 2, 3, 4])],
+        "two_rows": [collate_packed(ds, [3, 0]), collate_packed(ds, [2, 4, 1], pad_to=2000)],
+        "padded": [collate_padded(ds, [0, 1, 2]), collate_padded(ds, [3, 4])],
+    }
+    params = [p for p in model.parameters() if p.ndim == 2][:3]
+    results = {}
+    for name, batches in layouts.items():
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        for batch in batches:
+            out = model(**batch, use_cache=False, num_items_in_batch=n_items)
+            out.loss.backward()
+            total += out.loss.item()
+        results[name] = (total, [p.grad.clone() for p in params])
+    model.zero_grad(set_to_none=True)
+    ref_loss, ref_grads = results["one_row"]
+    # the reference mean computed sample by sample
+    with torch.no_grad():
+        s = sum(per_sample_loss(model(input_ids=torch.from_numpy(ds.sample(i)[0].astype(np.int64))[None],
+                                      use_cache=False).logits[0], torch.from_numpy(ds.labels(i))).item()
+                for i in range(5))
+    assert ref_loss == pytest.approx(s / n_items.item(), rel=1e-5)
+    for name in ("two_rows", "padded"):
+        loss, grads = results[name]
+        assert loss == pytest.approx(ref_loss, rel=1e-5), name
+        for g, r in zip(grads, ref_grads, strict=True):
+            assert torch.allclose(g, r, rtol=1e-4, atol=1e-7), name
+
+
+def test_startup_isolation_probe_reports_exact_sdpa():
+    from hai_medqa.train.backends import packing_isolation_error
+
+    assert packing_isolation_error("sdpa", torch.device("cpu")) < 1e-4

@@ -1,0 +1,103 @@
+"""End to end through S_F2.py on the bundled sample with the tiny EXAONE stand-in (CPU, 4-bit NF4).
+
+One real CLI run (a subprocess, as users run it) is shared by every test in this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hai_medqa import chat_format
+from hai_medqa.config import load_config
+from hai_medqa.io_utils import sha256_file
+from hai_medqa.train.config import TrainConfig
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def run_dir(repo_root, tiny_exaone_dir, sample_jsonl, tmp_path_factory, _hai_medqa_cache):
+    out = tmp_path_factory.mktemp("train_e2e") / "run"
+    cmd = [sys.executable, str(repo_root / "S_F2.py"), "--config", str(repo_root / "configs" / "tiny_cpu.yaml"),
+           "--model", str(tiny_exaone_dir),  # EXAONE layout: goes through the real conversion path
+           "--train-file", str(sample_jsonl["train"]), "--val-file", str(sample_jsonl["validation"]),
+           "--output-dir", str(out), "--max-steps", str(STEPS), "--eval-steps", "8", "--save-steps", "8",
+           "--warmup-ratio", "0.05"]
+    env = {**os.environ, "HAI_MEDQA_CACHE": str(_hai_medqa_cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_training_loss_falls_substantially(run_dir):
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    train = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if "val_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    first, last = train[0]["loss"], sum(r["loss"] for r in train[-4:]) / 4
+    assert last < first - 1.0, (first, last)  # nats per answer token, from a random start
+    assert [r["step"] for r in evals] == [8, 16, 24]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    for r in train:
+        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= r.keys()
+    for r in evals:
+        assert r["val_ppl"] == pytest.approx(2.718281828 ** r["val_loss"], rel=1e-3)
+
+
+def test_run_folder_holds_everything_promised(run_dir, sample_jsonl):
+    for name in ("resolved_config.yaml", "run_info.json", "metrics.jsonl", "train.log", "loss_curve.png",
+                 "summary.json", "adapter_best/adapter_model.safetensors", "adapter_last/adapter_config.json",
+                 "adapter_last/chat_template.jinja", "adapter_last/tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_0000016", "step_0000024"]  # save_total_limit: 2
+    cfg, _ = load_config(TrainConfig, run_dir / "resolved_config.yaml")
+    assert cfg.max_steps == STEPS and cfg.lora_r == 16 and cfg.train_file == str(sample_jsonl["train"])
+    info = json.loads((run_dir / "run_info.json").read_text(encoding="utf-8"))
+    assert info["data"]["train_file"]["sha256"] == sha256_file(sample_jsonl["train"])
+    assert info["data"]["val_file"]["sha256"] == sha256_file(sample_jsonl["validation"])
+    assert {"torch", "transformers", "peft", "bitsandbytes", "accelerate"} <= info["versions"].keys()
+    assert info["git_commit"] and info["device"]["type"] == "cpu"
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["status"] == "completed" and summary["global_step"] == STEPS
+    assert summary["trainable_params"] > 0 and summary["best_step"] in (8, 16, 24)
+    log = (run_dir / "train.log").read_text(encoding="utf-8")
+    assert "trainable parameters" in log and "model loaded (4-bit NF4" in log
+
+
+def test_adapter_loads_with_peft_and_changes_the_output(run_dir, tiny_exaone_dir):
+    from peft import PeftModel
+
+    from hai_medqa.model.load import load_causal_lm, load_tokenizer
+
+    adapter = run_dir / "adapter_best"
+    tok = load_tokenizer(adapter)
+    assert chat_format.check_tokenizer_template(tok) == []  # tokenizer + chat template beside the adapter
+    prompt = chat_format.render([{"role": "system", "content": chat_format.DEFAULT_SYSTEM_PROMPT},
+                                 {"role": "user", "content": "두통이 심할 때 어떻게 해야 하나요?"}],
+                                add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    base = load_causal_lm(tiny_exaone_dir, quantize_4bit=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = base(ids, use_cache=False).logits[0, -1].clone()
+        base_gen = base.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    tuned = PeftModel.from_pretrained(base, str(adapter)).eval()
+    with torch.no_grad():
+        tuned_logits = tuned(input_ids=ids, use_cache=False).logits[0, -1]
+        tuned_gen = tuned.generate(input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert (tuned_logits - base_logits).abs().max() > 0.5
+    assert not torch.equal(tuned_gen, base_gen)
+    meta = json.loads((adapter / "hai_medqa_training.json").read_text(encoding="utf-8"))
+    assert meta["base_layout"] == "llama" and meta["system_prompt"] == chat_format.DEFAULT_SYSTEM_PROMPT
