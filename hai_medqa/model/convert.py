@@ -53,7 +53,7 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
                 "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 COPIED_GLOBS = ("LICENSE*", "NOTICE*")
 PICKLE_GLOBS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-_COPY_CHUNK = 64 * 2**20
+_COPY_CHUNK = 16 * 2**20
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit; a larger "header" means a corrupt file
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
                 "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -256,20 +256,23 @@ def _rewrite_shard(shard: Shard, out_path: Path, rename: Callable[[str], str]) -
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned, as safetensors does
-    with open(shard.path, "rb") as src, open(out_path, "wb") as dst:
-        dst.write(struct.pack("<Q", len(raw)))
-        dst.write(raw)
+    buffer = memoryview(bytearray(_COPY_CHUNK))  # one reused buffer: memory stays flat
+    with open(shard.path, "rb", buffering=0) as src, open(out_path, "wb", buffering=0) as dst:
+        dst.write(struct.pack("<Q", len(raw)) + raw)
         contiguous = all(a.end == b.begin for a, b in zip(kept, kept[1:], strict=False))
         spans = [(kept[0].begin, kept[-1].end)] if kept and contiguous else [(t.begin, t.end) for t in kept]
         for begin, end in spans:
             src.seek(shard.data_start + begin)
             remaining = end - begin
             while remaining:
-                block = src.read(min(_COPY_CHUNK, remaining))
-                if not block:
+                n = src.readinto(buffer[: min(_COPY_CHUNK, remaining)])
+                if not n:
                     raise ModelLayoutError(f"{shard.path}: truncated while copying")
-                dst.write(block)
-                remaining -= len(block)
+                written = 0
+                while written < n:  # raw writes may be partial
+                    written += dst.write(buffer[written:n])
+                remaining -= n
+        os.fsync(dst.fileno())
     return offset
 
 
