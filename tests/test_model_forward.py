@@ -110,6 +110,24 @@ def test_converted_llama_matches_reference_forward(variant, tiny_exaone_dir, tin
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_unusual_shape_matches_reference(tmp_path):
+    """head_dim != hidden/heads, a single KV head, tied embeddings, no rope scaling, bf16 storage:
+    every value comes from config.json, none is assumed."""
+    from hai_medqa.model.tiny import build_exaone_checkpoint
+
+    shape = {"hidden_size": 96, "num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
+             "head_dim": 32, "intermediate_size": 160, "vocab_size": 300, "tie_word_embeddings": True,
+             "rope_scaling": None, "rope_theta": 500.0, "layer_norm_epsilon": 1e-6, "torch_dtype": "bfloat16"}
+    folder = build_exaone_checkpoint(tmp_path / "odd", shape, max_shard_bytes=40_000, init_std=0.125)
+    ids = torch.arange(3, 40) % 300
+    ref = reference_forward(folder, ids)
+    model = load_causal_lm(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    assert model.config.head_dim == 32 and model.config.rope_parameters["rope_theta"] == 500.0
+    with torch.no_grad():
+        got = model(input_ids=ids[None]).logits[0]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_dropping_rope_settings_would_change_logits(tiny_exaone_dir):
     """The converted config must carry llama3 scaling and rope_theta: without them logits move far
     beyond the tolerance used above (so the test above can fail on a lossy config mapping)."""

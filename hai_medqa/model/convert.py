@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from hai_medqa.io_utils import atomic_dir, sha256_text, write_json
 from hai_medqa.model.exaone_layout import (
+    DEFAULT_EXAONE_CODE_REPO,
     EXAONE_MODEL_TYPE,
     LLAMA_MODEL_TYPE,
     ModelLayoutError,
@@ -357,17 +358,28 @@ def convert_llama_to_exaone(src: str | Path, dst: str | Path, *, overwrite: bool
     layout = detect_layout(ckpt.config, where)
     if layout != LLAMA_MODEL_TYPE:
         raise ModelLayoutError(f"{where}: expected a Llama checkpoint (model_type 'llama'), found '{layout}'")
-    reference = _load_reference(src, reference_config)
-    exaone_config = llama_config_to_exaone(ckpt.config, reference, where)
+    reference, code_repo = _load_reference(src, reference_config)
+    exaone_config = llama_config_to_exaone(ckpt.config, reference, where, code_repo=code_repo)
     _validate_tensors(ckpt, llama_to_exaone_name, ckpt.config, source_is_llama=True)
     _check_destination(src, dst, overwrite)
     return _convert(src, dst, direction="llama->exaone", target_config=exaone_config, ckpt=ckpt,
                     rename=llama_to_exaone_name, record_extra={"reference_config_used": reference is not None})
 
 
-def _load_reference(src: Path, reference: Mapping[str, Any] | str | Path | None) -> dict[str, Any] | None:
+def _load_reference(src: Path, reference: Mapping[str, Any] | str | Path | None
+                    ) -> tuple[dict[str, Any] | None, str]:
+    """(original EXAONE config or None, Hub repo whose modeling code the export's auto_map names)."""
+    record_data: dict[str, Any] = {}
+    record = src / RECORD_FILE
+    if record.is_file():
+        try:
+            record_data = json.loads(record.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            logger.warning(f"{record}: unreadable, exporting without the original EXAONE config")
+    source_id = str(record_data.get("source_id") or "")
+    code_repo = source_id[4:].split("@")[0] if source_id.startswith("hub:") else DEFAULT_EXAONE_CODE_REPO
     if isinstance(reference, Mapping):
-        return dict(reference)
+        return dict(reference), code_repo
     if reference is not None:
         ref_path = Path(reference).expanduser()
         ref_path = ref_path / "config.json" if ref_path.is_dir() else ref_path
@@ -377,17 +389,10 @@ def _load_reference(src: Path, reference: Mapping[str, Any] | str | Path | None)
             raise ModelLayoutError(f"{ref_path}: cannot read reference config ({e})") from None
         if not isinstance(ref, dict) or ref.get("model_type") != EXAONE_MODEL_TYPE:
             raise ModelLayoutError(f"{reference}: reference config is not an EXAONE config")
-        return ref
-    record = src / RECORD_FILE
-    if record.is_file():
-        try:
-            data = json.loads(record.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            logger.warning(f"{record}: unreadable, exporting without the original EXAONE config")
-            return None
-        if data.get("direction") == "exaone->llama" and isinstance(data.get("source_config"), dict):
-            return data["source_config"]
-    return None
+        return ref, code_repo
+    if record_data.get("direction") == "exaone->llama" and isinstance(record_data.get("source_config"), dict):
+        return record_data["source_config"], code_repo
+    return None, code_repo
 
 
 # ---------------------------------------------------------------------------------------------

@@ -234,12 +234,14 @@ def llama_config_to_exaone(
     llama_config: Mapping[str, Any],
     reference: Mapping[str, Any] | None = None,
     where: str = "config.json",
+    code_repo: str = DEFAULT_EXAONE_CODE_REPO,
 ) -> dict[str, Any]:
     """Map a Llama config.json dict back to EXAONE-3.5's layout.
 
     `reference` is the original EXAONE config (recorded by the forward conversion): its key order and
     EXAONE-only values (auto_map, embed_dropout) are kept and every shared value is taken from
-    `llama_config`. Without it, auto_map points at the Hub repo holding EXAONE's modeling code.
+    `llama_config`. auto_map entries are qualified as ``<code_repo>--module.Class`` because the
+    modeling code itself is never downloaded: `trust_remote_code` users then fetch it from that repo.
     """
     cfg = dict(llama_config)
     if detect_layout(cfg, where) != LLAMA_MODEL_TYPE:
@@ -255,11 +257,14 @@ def llama_config_to_exaone(
         out = {
             "architectures": [EXAONE_ARCHITECTURE],
             "auto_map": {
-                "AutoConfig": f"{DEFAULT_EXAONE_CODE_REPO}--configuration_exaone.ExaoneConfig",
-                "AutoModelForCausalLM": f"{DEFAULT_EXAONE_CODE_REPO}--modeling_exaone.ExaoneForCausalLM",
+                "AutoConfig": "configuration_exaone.ExaoneConfig",
+                "AutoModelForCausalLM": "modeling_exaone.ExaoneForCausalLM",
             },
             "embed_dropout": 0.0,
         }
+    if isinstance(out.get("auto_map"), Mapping):
+        out["auto_map"] = {k: v if not isinstance(v, str) or "--" in v else f"{code_repo}--{v}"
+                           for k, v in out["auto_map"].items()}
     out["model_type"] = EXAONE_MODEL_TYPE
     out.setdefault("architectures", [EXAONE_ARCHITECTURE])
     # A transformers-5 era EXAONE config may spell torch_dtype as dtype; keep the reference's spelling.
