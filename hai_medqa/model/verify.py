@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", help="float32 (default, exact comparison) or bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prompts", nargs="+", default=DEFAULT_PROMPTS)
-    p.add_argument("--max-diff", type=float, default=1e-3, help="exit 1 above this (float32: 1e-3; bf16: ~0.5)")
+    p.add_argument("--max-diff", type=float, default=1e-2,
+                   help="exit 1 above this (float32 default 1e-2: op-order noise only; a layout or rope error gives >> 1; bf16: ~0.5)")
     p.add_argument("--stage", choices=("both", "original", "converted"), default="both")
     p.add_argument("--logits-file", help="original stage: save reference logits here; converted: read them")
     p.add_argument("--trust-remote-code", action="store_true",
