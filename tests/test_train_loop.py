@@ -1,0 +1,127 @@
+"""SIGTERM mid-run saves a checkpoint; --resume then finishes exactly like a run never interrupted.
+Also: a NaN loss stops the run with a clear message and leaves the last good checkpoint intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hai_medqa.config import load_config
+from hai_medqa.train.config import TrainConfig
+from hai_medqa.train.errors import TrainingError
+from hai_medqa.train.trainer import Trainer, run_training
+
+STEPS = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model trains fastest on one thread (tests run beside other jobs on a 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def make_cfg(repo_root, tiny_exaone_dir, sample_jsonl, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("resume_cache")
+
+    def make(out, **extra):
+        overrides = {"model": str(tiny_exaone_dir), "train_file": str(sample_jsonl["train"]), "val_file": "null",
+                     "output_dir": str(out), "cache_dir": str(cache), "max_steps": str(STEPS), "save_steps": "3",
+                     "gradient_accumulation_steps": "2", "tokens_per_micro_batch": "1024", "tensorboard": "false",
+                     "lora_dropout": "0.1",  # dropout draws random numbers: the RNG state must be restored too
+                     **{k: str(v) for k, v in extra.items()}}
+        return load_config(TrainConfig, repo_root / "configs" / "tiny_cpu.yaml", overrides)
+
+    return make
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_sigterm_then_resume_matches_uninterrupted_run(make_cfg, tmp_path):
+    straight = run_training(*make_cfg(tmp_path / "straight"))
+    assert straight["status"] == "completed" and straight["global_step"] == STEPS
+
+    def send_sigterm(trainer, rec):
+        if rec["step"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal through the real handler
+
+    out = tmp_path / "interrupted"
+    first = run_training(*make_cfg(out), callbacks=[send_sigterm])
+    assert first["status"] == "interrupted" and first["global_step"] == 5
+    assert (out / "checkpoints" / "step_0000005" / "optimizer.pt").is_file()
+    assert not (out / "adapter_last").exists()
+    assert signal.getsignal(signal.SIGTERM) is not None  # our handler was removed again
+
+    with pytest.raises(TrainingError, match="already holds checkpoints .* pass --resume"):
+        run_training(*make_cfg(out))  # a fresh start must not clobber the interrupted run
+
+    resumed = run_training(*make_cfg(out, resume="true"))
+    assert resumed["status"] == "completed" and resumed["global_step"] == STEPS
+
+    a, b = metrics(tmp_path / "straight"), metrics(out)
+    assert [r["step"] for r in b] == list(range(1, STEPS + 1))
+    assert [r["batch_digest"] for r in b] == [r["batch_digest"] for r in a]  # same data order
+    assert [r["lr"] for r in b] == pytest.approx([r["lr"] for r in a], rel=1e-9, abs=1e-12)  # same schedule
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=2e-5)  # same dropout, same optimizer
+    wa = load_file(str(tmp_path / "straight" / "adapter_last" / "adapter_model.safetensors"))
+    wb = load_file(str(out / "adapter_last" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    assert "tokenisation cache hit" in (out / "train.log").read_text(encoding="utf-8")
+
+
+def test_resume_refuses_a_changed_recipe(make_cfg, tmp_path):
+    out = tmp_path / "run"
+    cfg, explicit = make_cfg(out, max_steps=2, save_steps=1)
+    run_training(cfg, explicit)
+    with pytest.raises(TrainingError, match=r"config differs .* lora_r"):
+        run_training(*make_cfg(out, max_steps=4, save_steps=1, resume="true", lora_r=8))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(make_cfg, tmp_path):
+    out = tmp_path / "nan"
+    trainer = Trainer(*make_cfg(out, save_steps=2))
+    trainer.setup()
+
+    def poison_after_step_2(tr, rec):
+        if rec["step"] == 2:  # from step 3 on, the embeddings output NaN
+            tr.peft_model.get_input_embeddings().register_forward_hook(lambda m, i, o: o * float("nan"))
+
+    trainer.callbacks.append(poison_after_step_2)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 3: stopping \(the last good checkpoint is .*step_0000002\)"):
+        trainer.train()
+    good = load_file(str(out / "checkpoints" / "step_0000002" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in good.values())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
+    assert not (out / "adapter_last").exists()
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["status"] == "non_finite_loss" and summary["global_step"] == 2
+
+
+def test_validation_loss_is_the_same_packed_padded_or_fixed_length(make_cfg, sample_jsonl, tmp_path):
+    """The trainer's own collation and loss reduction, through the 4-bit model with LoRA: batching
+    choices must not change the number."""
+    import dataclasses
+
+    cfg, explicit = make_cfg(tmp_path / "eval", val_file=str(sample_jsonl["validation"]), max_eval_samples=12)
+    trainer = Trainer(cfg, explicit)
+    trainer.setup()
+    packed = trainer.evaluate()["val_loss"]
+    trainer.cfg = dataclasses.replace(cfg, pad_to_fixed_length=True)
+    fixed = trainer.evaluate()["val_loss"]
+    trainer.cfg = dataclasses.replace(cfg, batching="padded", micro_batch_size=5)
+    padded = trainer.evaluate()["val_loss"]
+    assert fixed == pytest.approx(packed, rel=1e-5)
+    assert padded == pytest.approx(packed, rel=1e-5)
+    assert 3.0 < packed < 12.0  # a random tiny model: near log(vocab), not 0 or nan
