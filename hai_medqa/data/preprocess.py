@@ -311,6 +311,8 @@ def run_preprocess(
     output file is only replaced after a complete, successful run.
     """
     started = time.monotonic()
+    if isinstance(inputs, (str, os.PathLike)):  # one path given bare, not as a list
+        inputs = [inputs]
     if not inputs:
         raise DataError("no input given")
     check_pairing(pairing, max_pairs_per_folder)
@@ -325,6 +327,7 @@ def run_preprocess(
 
     report = _Report()
     seen_pairs: set[int] = set()  # 8 bytes of fingerprint per distinct record: the only per-record state
+    logger.info("indexing folders of {} source{}", len(sources), "s" if len(sources) > 1 else "")
     with DatasetIndex(sources, report.skip) as index:
         keys = index.sorted_keys()
         n_workers = resolve_workers(workers, len(keys))

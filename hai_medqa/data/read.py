@@ -154,9 +154,14 @@ def discover_sources(
             folders, zips = _search(given, ignored)
             found = _choose(given, folders, zips, split, ignored)
             if not found:
+                hint = (
+                    f" (give its parent {given.parent}, which holds both trees)"
+                    if nfc(given.name) in ROLE_OF_DIR
+                    else ""
+                )
                 raise DataError(
                     f"no AI Hub label data under {given}: expected a folder holding {QUESTION_DIR}/ and "
-                    f"{ANSWER_DIR}/, a TL/VL folder above one, or TL.zip/VL.zip"
+                    f"{ANSWER_DIR}/, a TL/VL folder above one, or TL.zip/VL.zip{hint}"
                 )
         for source in found:
             resolved = source.path.resolve()

@@ -10,6 +10,7 @@ Output (one jsonl line per pair): the keys of `RECORD_FIELDS`, in that order.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -99,12 +100,17 @@ def nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+@functools.lru_cache(maxsize=4096)
+def _normalize_label(value: str) -> str:
+    return normalize_text(value)  # labels repeat in every file of a folder: normalise each once
+
+
 def _label(obj: dict, key: str) -> str:
     """A metadata string such as disease_category, or '' when absent or not a string."""
     value = obj.get(key)
     if isinstance(value, dict):  # disease_name is {"kor": ..., "eng": ...}
         value = value.get("kor")
-    return normalize_text(value) if isinstance(value, str) else ""
+    return _normalize_label(value) if isinstance(value, str) else ""
 
 
 def _file_id(obj: dict, fallback_id: str) -> str:
@@ -147,7 +153,7 @@ def _departments(value: Any) -> tuple[str, ...]:
     for entry in value:
         if isinstance(entry, str):
             for name in entry.splitlines():
-                name = normalize_text(name)
+                name = _normalize_label(name)
                 if name and name not in names:
                     names.append(name)
     return tuple(names)
