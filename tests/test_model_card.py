@@ -86,3 +86,22 @@ def test_exaone_layout_card_says_remote_code(tiny_exaone_dir, tiny_lora_run, tmp
     merge_adapter(tiny_exaone_dir, tiny_lora_run, out, layout="exaone")
     text = render_model_card(out, repo_id=REPO_ID, base_model=BASE_ID)
     assert "trust_remote_code=True" in text and "original layout" in text
+
+
+def test_snippet_uses_the_trained_system_prompt_and_base(tiny_exaone_dir, tiny_lora_run, tmp_path):
+    """The trainer's note beside the adapter (hai_medqa_training.json) sets the snippet's system
+    prompt and, failing any other record, the card's base model."""
+    import shutil
+
+    from hai_medqa.publish.release import make_release
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_lora_run, run)
+    (run / "adapter_best" / "hai_medqa_training.json").write_text(json.dumps(
+        {"base_model": "LGAI-EXAONE/EXAONE-3.5-2.4B-Instruct", "system_prompt": "당신은 테스트용 의료 챗봇입니다."}))
+    result = make_release(str(tiny_exaone_dir), run, tmp_path / "out")
+    text = (result.folder / "README.md").read_text(encoding="utf-8")
+    assert '"content": "당신은 테스트용 의료 챗봇입니다."' in text
+    assert "base_model: LGAI-EXAONE/EXAONE-3.5-2.4B-Instruct" in text
+    assert result.repo_id == "<your-hf-username>/EXAONE-3.5-2.4B-Instruct-HAI-MedQA"
+    assert (result.folder / "training" / "hai_medqa_training.json").is_file()

@@ -66,7 +66,7 @@ class LoraUpdate:
         """scaling * B @ A in float32 (the same product and order PEFT uses for merging)."""
         a = read_tensor(self.a).float()
         b = read_tensor(self.b).float()
-        return (b @ a) * self.scaling
+        return (b @ a).mul_(self.scaling)
 
 
 @dataclass

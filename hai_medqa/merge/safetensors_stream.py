@@ -37,7 +37,7 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-_COPY_CHUNK = 64 << 20  # bytes per read when copying a tensor unchanged
+_COPY_CHUNK = 16 << 20  # bytes per read when copying a tensor unchanged
 
 
 class SafetensorsFormatError(ValueError):

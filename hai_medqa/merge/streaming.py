@@ -51,6 +51,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size
 _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 # Files of the training run copied beside the weights (under training/) when they exist.
 RUN_FILES = ("resolved_config.yaml", "run_info.json", "summary.json", "metrics.jsonl", "loss_curve.png")
+ADAPTER_RECORD = "hai_medqa_training.json"  # the trainer's note beside each adapter (base, system prompt)
 
 
 class MergeError(ValueError):
@@ -480,7 +481,7 @@ def merge_adapter(
                                 weight = nf4_roundtrip(weight, nf4)
                             if upd is not None:
                                 # fp32 add, one rounding back to the stored dtype
-                                weight = (weight.float() + upd.delta()).to(tinfo.torch_dtype)
+                                weight = weight.float().add_(upd.delta()).to(tinfo.torch_dtype)
                             writer.write(out_name(name), weight)
                             del weight
                         weight_map[out_name(name)] = fname
@@ -498,6 +499,9 @@ def merge_adapter(
 
         info["full_license_text"] = write_license(tmp, base_dir)
         info["training_files"] = copy_run_files(tmp, run, eval_path)
+        if (lora.path / ADAPTER_RECORD).is_file():
+            (tmp / "training").mkdir(exist_ok=True)
+            shutil.copy2(lora.path / ADAPTER_RECORD, tmp / "training" / ADAPTER_RECORD)
         write_json(tmp / "merge_info.json", info)
         if finalize is not None:
             finalize(tmp, info)

@@ -19,6 +19,7 @@ from hai_medqa.chat_format import DEFAULT_SYSTEM_PROMPT
 from hai_medqa.io_utils import atomic_write_text
 from hai_medqa.publish.license import EXAONE_CITATION, EXAONE_LICENSE_NAME, EXAONE_LICENSE_URL
 
+TRAINING_RECORD = "hai_medqa_training.json"  # written by the trainer beside each adapter
 CARD_TAGS = ["exaone", "korean", "medical", "healthcare", "qlora", "lora", "hai-medqa"]
 DATASET_NAME = "AI Hub 초거대AI 헬스케어 질의응답 데이터 (Korean healthcare QA)"
 DATASET_URL = "https://www.aihub.or.kr/aihubdata/data/view.do?dataSetSn=71762"
@@ -94,6 +95,10 @@ def load_card_facts(folder: str | os.PathLike) -> dict[str, Any]:
     if cfg.is_file():
         facts["train_config"] = _read_yaml(cfg)
         facts["train_config_text"] = cfg.read_text(encoding="utf-8")
+    for record in (folder / TRAINING_RECORD, folder / "training" / TRAINING_RECORD):
+        if record.is_file():
+            facts["training_record"] = _read_json(record)
+            break
     adapter_cfg = folder / "adapter_config.json"
     if adapter_cfg.is_file():
         facts["adapter_config"] = _read_json(adapter_cfg)
@@ -120,9 +125,11 @@ def card_metadata(base_model: str, *, adapter_only: bool) -> dict[str, Any]:
     return data.to_dict()
 
 
-def usage_snippet(repo_id: str, *, layout: str, adapter_only: bool, base_model: str) -> str:
-    """Python that loads the published model and answers one question with the saved chat template."""
-    system = json.dumps(DEFAULT_SYSTEM_PROMPT, ensure_ascii=False)
+def usage_snippet(repo_id: str, *, layout: str, adapter_only: bool, base_model: str,
+                  system_prompt: str | None = None) -> str:
+    """Python that loads the published model and answers one question with the saved chat template
+    and the system prompt the model was trained with."""
+    system = json.dumps(DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt, ensure_ascii=False)
     question = json.dumps(EXAMPLE_QUESTION, ensure_ascii=False)
     chat = f'''messages = [
     {{"role": "system", "content": {system}}},
@@ -252,7 +259,10 @@ def render_model_card(
         details_rows += [("merge", merge.get("merge_into", "unknown")), ("weight dtype", dtypes)]
     details_rows += [("language", "Korean"), ("license", "EXAONE AI Model License Agreement 1.1 - NC")]
 
-    snippet = usage_snippet(repo_id, layout=layout, adapter_only=adapter_only, base_model=base_model)
+    record = facts.get("training_record") or {}
+    system_prompt = record.get("system_prompt") if isinstance(record.get("system_prompt"), str) else None
+    snippet = usage_snippet(repo_id, layout=layout, adapter_only=adapter_only, base_model=base_model,
+                            system_prompt=system_prompt)
     sections = [
         f"---\n{meta}\n---",
         f"# {name}\n\n{name} is {what}\nIt was built with the HAI MedQA pipeline. The chat format is EXAONE-3.5's "

@@ -14,6 +14,7 @@ from loguru import logger
 from hai_medqa.io_utils import atomic_dir, sha256_file, write_json
 from hai_medqa.merge.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, resolve_adapter_dir
 from hai_medqa.merge.streaming import (
+    ADAPTER_RECORD,
     DEFAULT_MAX_SHARD_BYTES,
     adapter_weight_to_llama,
     check_adapter_fits,
@@ -41,7 +42,7 @@ PROJECT_SUFFIX = "HAI-MedQA"
 _RECORDED_HUB_RE = re.compile(r"^hub:(?P<id>[^@\s]+/[^@\s]+)(?:@|$)")
 # Files of an adapter folder that are published with it (PEFT weights + config, tokenizer + template).
 ADAPTER_RELEASE_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "tokenizer.json", "tokenizer_config.json",
-                         "special_tokens_map.json", "chat_template.jinja", "added_tokens.json")
+                         "special_tokens_map.json", "chat_template.jinja", "added_tokens.json", ADAPTER_RECORD)
 
 
 def _hub_id(text: str | None) -> str | None:
@@ -63,10 +64,11 @@ def _recorded_hub_id(folder: str | Path | None) -> str | None:
 
 
 def base_model_id(base: str, adapter_config: dict | None = None, explicit: str | None = None,
-                  run_dir: Path | None = None) -> str | None:
+                  run_dir: Path | None = None, trainer_base: str | None = None) -> str | None:
     """The base model's Hub id for the card, from (first found): `explicit`; `base` when it is a Hub
     id; the download record of the base folder, of the model the training run loaded
-    (run_info.json), or of the folder the adapter records; the adapter's record when it is a Hub id."""
+    (run_info.json), or of the folder the adapter records; the model the trainer was asked for
+    (`trainer_base`, from hai_medqa_training.json) or the adapter's record when it is a Hub id."""
     if explicit:
         return explicit
     if _hub_id(base):
@@ -84,7 +86,7 @@ def base_model_id(base: str, adapter_config: dict | None = None, explicit: str |
         found = _recorded_hub_id(folder)
         if found:
             return found
-    return _hub_id(recorded)
+    return _hub_id(trainer_base) or _hub_id(recorded)
 
 
 def default_repo_name(base_id: str | None, *, adapter_only: bool) -> str:
@@ -199,7 +201,14 @@ def make_release(
     adapter_dir = resolve_adapter_dir(adapter)
     adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     run = Path(run_dir) if run_dir is not None else find_run_dir(adapter_dir)
-    base_id = base_model_id(base, adapter_config, base_model, run)
+    trainer_record = adapter_dir / ADAPTER_RECORD
+    trainer_base = None
+    if trainer_record.is_file():
+        try:
+            trainer_base = json.loads(trainer_record.read_text(encoding="utf-8")).get("base_model")
+        except (json.JSONDecodeError, AttributeError):
+            trainer_base = None
+    base_id = base_model_id(base, adapter_config, base_model, run, trainer_base if isinstance(trainer_base, str) else None)
     online = push and not dry_run
     if base_id is None:
         if online:
