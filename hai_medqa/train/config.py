@@ -60,6 +60,12 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    lora_kernel: Literal["fused", "peft"] = "fused"
+    """fused: the project's LoRA forward (same maths as PEFT's, bf16 compute from fp32 master weights,
+    scale and add in one GEMM; hai_medqa/train/fast_lora.py); peft: PEFT's own forward."""
+    dequantize_cache: bool = False
+    """Keep a compute-dtype copy of every frozen NF4 weight, dequantised once (exactly the QLoRA
+    forward, no per-step dequantisation; +2 bytes per base parameter of GPU memory)."""
 
     # --- batching
     batching: Literal["packed", "padded"] = "packed"

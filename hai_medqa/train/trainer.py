@@ -42,7 +42,7 @@ from hai_medqa import chat_format
 from hai_medqa.config import config_to_dict, dump_config_yaml
 from hai_medqa.io_utils import atomic_dir, atomic_path, atomic_write_text, sha256_file, write_json
 from hai_medqa.logging_setup import setup_logging
-from hai_medqa.train import backends
+from hai_medqa.train import backends, fast_lora
 from hai_medqa.train.config import TrainConfig, resolve_profile
 from hai_medqa.train.errors import TrainingError
 from hai_medqa.train.packing import collate_packed, collate_padded, group_into_steps, plan_epoch
@@ -126,7 +126,8 @@ class Trainer:
                  callbacks: Iterable[Callable[[Trainer, dict], None]] = ()):
         from accelerate import Accelerator
 
-        self.accelerator = Accelerator()
+        # cpu=True when there is no GPU: accelerate only forms a multi-process (gloo) group on CPU if told
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
@@ -272,6 +273,10 @@ class Trainer:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.lora_target_modules), bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
+        if cfg.lora_kernel == "fused":
+            fast_lora.fuse_lora_forward(model)
+        if cfg.dequantize_cache and cfg.quantize_4bit:
+            fast_lora.cache_dequantized_weights(model, self.compute_dtype)
         model.train()  # from_pretrained returns eval mode, where checkpointing and dropout do nothing
         trainable, total = model.get_nb_trainable_parameters()
         self.trainable_params, self.total_params = int(trainable), int(total)

@@ -1,0 +1,336 @@
+"""Training throughput of S_F2.py's own code path against the seed-style QLoRA stack, in one run.
+
+What it does (issue 8):
+  1. builds a random bf16 checkpoint in EXAONE-3.5's own layout (7.8B shape by default; 2.4b and 32b
+     selectable) with hai_medqa.model.tiny.build_exaone_checkpoint, plus a small byte-level BPE
+     tokenizer carrying EXAONE's special tokens and chat template;
+  2. writes a synthetic jsonl whose tokenised sample lengths are lognormal around 330 tokens (clipped
+     64-2048, fixed seed). The answers follow a learnable pattern (a fixed cycle of sentences) so a real
+     training step visibly lowers the loss;
+  3. for every variant (a training profile plus config overrides) runs the project's Trainer - the
+     conversion, 4-bit load, LoRA, tokenisation, packing and Trainer.train_step that S_F2.py runs - in
+     its own process, for `--warmup` + `--steps` optimizer steps;
+  4. runs the seed-style baseline on the same tokenised samples: prepare_model_for_kbit_training, every
+     sample padded to 1024 tokens, batch 8, the same LoRA settings and optimizer;
+  5. reports per variant real (non-padding) tokens/s over the timed steps, peak GPU memory (allocated
+     and reserved by PyTorch), MFU and the ratio to the baseline; a variant whose loss did not fall or
+     whose gradient norm was zero is reported as FAILED instead of a speed.
+
+MFU = real_tokens/s * 6 * N / peak_flops with gradient checkpointing (forward + recomputed forward +
+input-gradient backward; the frozen base has no weight gradient), 4 * N without. N = the parameters of
+the decoder layers' seven projections plus lm_head (the matrix products every token passes through);
+attention-score FLOPs (under 3% at ~330-token samples) and LoRA's own FLOPs (<1%) are left out.
+peak_flops = 989e12 (H100 SXM dense bf16) unless --peak-tflops says otherwise.
+
+Usage (GPU):
+    python bench/train_throughput.py --shape 7.8b --variants fast,lean --baseline --out results.json
+    python bench/train_throughput.py --variants "plain;fast;fast:gradient_checkpointing=false"
+A variant is PROFILE[:key=value,...] with any TrainConfig key as an override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # CPU only for a smoke test of the mechanics (--shape tiny)
+
+
+def _sync() -> None:
+    if CUDA:
+        _sync()
+
+
+def _reset_peak() -> None:
+    if CUDA:
+        _reset_peak()
+
+
+def _peaks() -> dict:
+    if not CUDA:
+        return {"peak_allocated_gib": float("nan"), "peak_reserved_gib": float("nan")}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+SENTENCES = [  # the learnable pattern: answers walk this cycle from a random starting point
+    "충분한 수분을 섭취하고 규칙적으로 생활하는 것이 중요합니다.",
+    "증상이 계속되면 가까운 병원에서 진료를 받으시기 바랍니다.",
+    "약은 의사와 상의한 뒤 정해진 용법대로 복용하세요.",
+    "가벼운 운동은 혈액순환과 회복에 도움이 됩니다.",
+    "기름진 음식과 음주는 증상을 악화시킬 수 있습니다.",
+    "정기적인 검진으로 질환을 조기에 발견할 수 있습니다.",
+    "손을 자주 씻는 것은 감염 예방의 기본입니다.",
+    "충분한 수면은 면역력 유지에 필수적입니다.",
+]
+QUESTIONS = ["두통이 자주 생기는데 어떻게 관리해야 하나요?", "고혈압 환자는 어떤 음식을 피해야 하나요?",
+             "감기에 걸렸을 때 운동을 해도 되나요?", "당뇨병 예방을 위한 생활 습관이 궁금합니다."]
+
+
+def matmul_params(cfg: dict) -> int:
+    """Parameters every trained token is multiplied by: seven projections per layer plus lm_head."""
+    h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or h // heads
+    attn = h * heads * hd * 2 + h * kv * hd * 2
+    mlp = 3 * h * i
+    return layers * (attn + mlp) + h * cfg["vocab_size"]
+
+
+# ------------------------------------------------------------------------------------------ data
+def write_synthetic_jsonl(path: Path, tokenizer, n: int, seed: int) -> dict:
+    """n records whose rendered, tokenised length is lognormal(log 330, 0.5) clipped to 64..2048."""
+    import random
+
+    from hai_medqa import chat_format
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    targets = torch.exp(torch.randn(n, generator=gen) * 0.5 + math.log(330)).clamp(64, 2048).long().tolist()
+    sentence_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SENTENCES]
+    lengths = []
+    with open(path, "w", encoding="utf-8") as f:
+        for target in targets:
+            q = rng.choice(QUESTIONS)
+            prompt, _ = chat_format.split_prompt_answer(chat_format.record_to_messages({"instruction": q, "output": "x"}))
+            budget = max(8, target - len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 1)
+            parts, used, k = [], 0, rng.randrange(len(SENTENCES))
+            while used < budget:
+                s = SENTENCES[k % len(SENTENCES)]
+                parts.append(s)
+                used += len(sentence_ids[k % len(SENTENCES)]) + 1
+                k += 1
+            f.write(json.dumps({"instruction": q, "output": " ".join(parts)}, ensure_ascii=False) + "\n")
+            lengths.append(target)
+    return {"records": n, "target_mean": sum(lengths) / n}
+
+
+# --------------------------------------------------------------------------------------- children
+def run_variant(spec: dict) -> dict:
+    """One profile of the project's own Trainer, timed by a callback on its real loop."""
+    from hai_medqa.train.config import TrainConfig
+    from hai_medqa.train.trainer import Trainer
+
+    overrides = dict(spec["overrides"])
+    explicit = set(overrides) | {"profile"}
+    cfg = TrainConfig(model=spec["model"], train_file=spec["train_file"], val_file=None,
+                      output_dir=spec["output_dir"], cache_dir=spec["cache_dir"], profile=spec["profile"],
+                      max_steps=spec["warmup"] + spec["steps"], save_steps=10**6, logging_steps=5,
+                      tensorboard=False, warmup_ratio=0.0, early_stopping_patience=None,
+                      learning_rate=spec["lr"],
+                      gradient_accumulation_steps=overrides.pop("gradient_accumulation_steps", 1), **overrides)
+    records: list[dict] = []
+    t_mark: dict[str, float] = {}
+
+    def on_step(trainer, rec):
+        _sync()
+        now = time.perf_counter()
+        rec = dict(rec, wall=now - t_mark.get("last", now))
+        t_mark["last"] = now
+        if rec["step"] == spec["warmup"]:
+            _reset_peak()
+        records.append(rec)
+
+    trainer = Trainer(cfg, explicit, callbacks=[on_step])
+    trainer.setup()
+    t_mark["last"] = time.perf_counter()
+    trainer.train()
+    timed = [r for r in records if r["step"] > spec["warmup"]]
+    wall = sum(r["wall"] for r in timed)  # includes collation and logging: what users get
+    tokens = sum(r["tokens"] for r in timed)
+    return {"name": spec["name"], "profile": trainer.profile_used, "config": {
+        k: getattr(trainer.cfg, k) for k in ("attn_implementation", "liger_kernel", "gradient_checkpointing",
+                                             "checkpoint_every_n_layers", "tokens_per_micro_batch",
+                                             "pad_to_fixed_length", "lora_dropout", "gradient_accumulation_steps",
+                                             "lora_kernel", "dequantize_cache", "optimizer")
+        if hasattr(trainer.cfg, k)},
+        "attn_used": trainer.attn_implementation, "liger_used": trainer.liger_applied,
+        "real_tokens_per_s": tokens / wall, "steps_timed": len(timed), "tokens_timed": tokens,
+        **_peaks(), "gradient_checkpointing": trainer.cfg.gradient_checkpointing,
+        "losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records]}
+
+
+def run_baseline(spec: dict) -> dict:
+    """The seed-style stack: prepare_model_for_kbit_training, pad to 1024, batch 8, same LoRA and optimizer."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from hai_medqa.model.acquire import resolve_model
+    from hai_medqa.model.load import bnb_4bit_config, load_tokenizer
+    from hai_medqa.train.config import LORA_TARGET_MODULES
+    from hai_medqa.train.sft_data import load_tokenized
+
+    path = resolve_model(spec["model"])
+    tok = load_tokenizer(path)
+    ds = load_tokenized(spec["train_file"], tok, max_length=2048, overlong="truncate", system_prompt=None,
+                        cache_dir=Path(spec["cache_dir"]), what="train_file")
+    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=bnb_4bit_config(torch.bfloat16),
+                                                 dtype=torch.bfloat16, device_map={"": 0 if CUDA else "cpu"}, attn_implementation="sdpa")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                              target_modules=list(LORA_TARGET_MODULES)))
+    model.train()
+    opt = (bnb.optim.PagedAdamW8bit if CUDA else torch.optim.AdamW)([p for p in model.parameters() if p.requires_grad],
+                                                                     lr=spec["lr"])
+    pad_id = tok.pad_token_id
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    losses, norms, walls, toks = [], [], [], []
+    _sync()
+    for step in range(spec["warmup"] + spec["steps"]):
+        idx = order[step * 8:(step + 1) * 8]
+        ids = torch.full((8, 1024), pad_id, dtype=torch.long)
+        labels = torch.full((8, 1024), -100, dtype=torch.long)
+        mask = torch.zeros((8, 1024), dtype=torch.long)
+        real = 0
+        for row, i in enumerate(idx):
+            x = torch.from_numpy(ds.sample(i)[0][:1024].astype("int64"))
+            y = torch.from_numpy(ds.labels(i)[:1024])
+            ids[row, :len(x)], labels[row, :len(y)], mask[row, :len(x)] = x, y, 1
+            real += len(x)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), labels=labels.to(DEVICE))
+        out.loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out.loss))
+        norms.append(float(norm))
+        _sync()
+        if step == spec["warmup"] - 1:
+            _reset_peak()
+        if step >= spec["warmup"]:
+            walls.append(time.perf_counter() - t0)
+            toks.append(real)
+    return {"name": "baseline", "profile": "seed-style", "real_tokens_per_s": sum(toks) / sum(walls),
+            "steps_timed": len(walls), "tokens_timed": sum(toks), "gradient_checkpointing": True,
+            **_peaks(), "losses": losses, "grad_norms": norms,
+            "config": {"batching": "pad to 1024, batch 8", "prepare_model_for_kbit_training": True,
+                       "lora_dropout": 0.05, "attn_implementation": "sdpa"}}
+
+
+def judge(result: dict, n_params: int, peak_tflops: float) -> dict:
+    """Add MFU and the real-training check (loss falls, gradients non-zero)."""
+    losses, norms = result["losses"], result["grad_norms"]
+    k = max(2, len(losses) // 5)
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    ok = all(math.isfinite(x) for x in losses) and last < first - 0.02 * abs(first) and min(norms) > 0
+    flops_per_token = (6 if result["gradient_checkpointing"] else 4) * n_params
+    result.update(loss_first=first, loss_last=last, training_ok=ok,
+                  mfu=result["real_tokens_per_s"] * flops_per_token / (peak_tflops * 1e12))
+    return result
+
+
+# ------------------------------------------------------------------------------------------- main
+def parse_variant(text: str) -> dict:
+    name, _, rest = text.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = json.loads(value) if value.strip() not in ("", ) and value.strip()[0] in "0123456789-[{tfn\"" else value
+    return {"name": text, "profile": name, "overrides": overrides}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="7.8b", choices=["tiny", "2.4b", "7.8b", "32b"],
+                    help="model shape (tiny: CPU smoke test of the mechanics only)")
+    ap.add_argument("--variants", default="fast;lean", help="';'-separated PROFILE[:key=value,...]")
+    ap.add_argument("--baseline", action="store_true", help="also run the seed-style baseline")
+    ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps (after warm-up)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--records", type=int, default=4000)
+    ap.add_argument("--lr", type=float, default=1e-3,
+                    help="learning rate of every arm (high, so the loss check is decisive in a few steps)")
+    ap.add_argument("--workdir", default=os.environ.get("BENCH_WORKDIR", "/tmp/hai_bench"))
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.json"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:  # one variant in its own process: no kernel patches or memory carried across
+        spec = json.loads(args.child)
+        result = run_baseline(spec) if spec["name"] == "baseline" else run_variant(spec)
+        Path(spec["result_file"]).write_text(json.dumps(result))
+        return 0
+
+    from hai_medqa.model.load import load_tokenizer
+    from hai_medqa.model.tiny import build_exaone_checkpoint, build_tokenizer, resolve_shape
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HAI_MEDQA_CACHE", str(work / "cache"))
+    tok_dir = work / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        build_tokenizer(tok_dir)
+    ckpt = work / f"exaone-{args.shape}"
+    t0 = time.time()
+    if not (ckpt / "config.json").exists():
+        build_exaone_checkpoint(ckpt, args.shape, tokenizer_dir=tok_dir, device=DEVICE)
+    build_s = time.time() - t0
+    data = work / "synthetic.jsonl"
+    info = write_synthetic_jsonl(data, load_tokenizer(tok_dir), args.records, seed=0)
+    n_params = matmul_params(resolve_shape(args.shape))
+
+    specs = [parse_variant(v) for v in args.variants.split(";") if v.strip()]
+    if args.baseline:
+        specs.insert(0, {"name": "baseline", "profile": "seed-style", "overrides": {}})
+    results = []
+    for i, spec in enumerate(specs):
+        spec.update(model=str(ckpt), train_file=str(data), output_dir=str(work / f"run{i}"),
+                    cache_dir=str(work / "tokcache"), warmup=args.warmup, steps=args.steps, lr=args.lr,
+                    result_file=str(work / f"result{i}.json"))
+        subprocess.run(["rm", "-rf", spec["output_dir"], spec["result_file"]], check=False)
+        t = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=False)
+        if proc.returncode != 0 or not Path(spec["result_file"]).exists():
+            results.append({"name": spec["name"], "error": f"exit code {proc.returncode}"})
+            continue
+        res = judge(json.loads(Path(spec["result_file"]).read_text()), n_params, args.peak_tflops)
+        res["process_s"] = round(time.time() - t, 1)
+        results.append(res)
+        Path(args.out).with_suffix(".partial.jsonl").open("a").write(json.dumps(res) + "\n")
+        print("RESULT", json.dumps({k: v for k, v in res.items() if k not in ("losses", "grad_norms")}), flush=True)
+
+    base = next((r for r in results if r["name"] == "baseline" and "error" not in r), None)
+    import bitsandbytes
+    import peft
+    import transformers  # noqa: E401 - versions for the record
+
+    report = {"shape": args.shape, "device": torch.cuda.get_device_name(0) if CUDA else "cpu", "torch": torch.__version__,
+              "transformers": transformers.__version__, "peft": peft.__version__,
+              "bitsandbytes": bitsandbytes.__version__, "date": time.strftime("%Y-%m-%d"),
+              "matmul_params": n_params, "data": info, "build_s": round(build_s, 1), "results": results}
+    print(f"\n{args.shape} on {report['device']} (torch {torch.__version__}, transformers {transformers.__version__})")
+    print(f"{'variant':<58} {'real tok/s':>10} {'x base':>7} {'MFU':>6} {'alloc':>7} {'reserv':>7}  check")
+    for r in results:
+        if "error" in r:
+            print(f"{r['name']:<58} ERROR {r['error']}")
+            continue
+        ratio = r["real_tokens_per_s"] / base["real_tokens_per_s"] if base else float("nan")
+        r["ratio_to_baseline"] = ratio
+        speed = f"{r['real_tokens_per_s']:>10,.0f}" if r["training_ok"] else f"{'FAILED':>10}"
+        print(f"{r['name']:<58} {speed} {ratio:>7.2f} {r['mfu']:>6.1%} {r['peak_allocated_gib']:>6.1f}G "
+              f"{r['peak_reserved_gib']:>6.1f}G  loss {r['loss_first']:.3f}->{r['loss_last']:.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=Path(args.out).parent, delete=False, suffix=".tmp") as f:
+        json.dump(report, f, indent=1)
+    os.replace(f.name, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
