@@ -240,7 +240,10 @@ def parse_variant(text: str) -> dict:
     overrides = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        overrides[key.strip()] = json.loads(value) if value.strip() not in ("", ) and value.strip()[0] in "0123456789-[{tfn\"" else value
+        try:
+            overrides[key.strip()] = json.loads(value)  # numbers, true/false, null
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value.strip()  # names such as flex_attention
     return {"name": text, "profile": name, "overrides": overrides}
 
 
