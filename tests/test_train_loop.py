@@ -125,3 +125,30 @@ def test_validation_loss_is_the_same_packed_padded_or_fixed_length(make_cfg, sam
     assert fixed == pytest.approx(packed, rel=1e-5)
     assert padded == pytest.approx(packed, rel=1e-5)
     assert 3.0 < packed < 12.0  # a random tiny model: near log(vocab), not 0 or nan
+
+
+def test_evaluation_does_not_change_training_gradients(make_cfg, sample_jsonl, tmp_path):
+    """bitsandbytes repacks 4-bit weights into a CPU inference layout (no backward) the first time a
+    layer runs in eval mode without grad; training after an evaluation must get the same gradients."""
+    cfg, explicit = make_cfg(tmp_path / "grads", val_file=str(sample_jsonl["validation"]), max_eval_samples=4,
+                             lora_dropout=0.0)
+    trainer = Trainer(cfg, explicit)
+    trainer.setup()
+    batch = trainer.collate(trainer.train_ds, [0, 1])
+    n = torch.tensor(float(trainer._loss_tokens(trainer.train_ds, [[0, 1]])))
+
+    def grads():
+        trainer.model.train()
+        trainer.model.zero_grad(set_to_none=True)
+        trainer.model(**batch, use_cache=False, num_items_in_batch=n).loss.backward()
+        return {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+
+    with torch.no_grad():  # non-zero LoRA B so gradients flow through every layer's input
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    before = grads()
+    trainer.evaluate()
+    after = grads()
+    for name in before:
+        assert torch.allclose(before[name], after[name], rtol=1e-5, atol=1e-8), name

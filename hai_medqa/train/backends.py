@@ -96,6 +96,22 @@ def check_packing_isolation(attn_implementation: str, device: torch.device, dtyp
     logger.info(f"packed attention isolation verified for {attn_implementation} (max logit difference {err:.2e})")
 
 
+def keep_cpu_4bit_layout_trainable(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, a Linear4bit that runs once in eval mode without grad (an evaluation)
+    rewrites its weight into a layout served by ``gemv_4bit``, which has no backward: training after
+    that evaluation silently loses the gradient through every frozen layer. Returns the number of
+    layers switched.
+    """
+    n = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
 def maybe_apply_liger(model: Any, setting: bool | str, device: torch.device) -> bool:
     """Patch a Llama model with Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear+cross-entropy).
 

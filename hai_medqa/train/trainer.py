@@ -262,6 +262,8 @@ class Trainer:
                                device_map=device_map, attn_implementation=self.attn_implementation)
         model_bytes = (torch.cuda.memory_allocated(self.device) if self.device.type == "cuda"
                        else model.get_memory_footprint())
+        if self.device.type == "cpu":
+            backends.keep_cpu_4bit_layout_trainable(model)
         self.liger_applied = backends.maybe_apply_liger(model, cfg.liger_kernel, self.device)
         model.config.use_cache = False  # a cache would silently turn packing off (samples would attend across)
         if cfg.gradient_checkpointing:
