@@ -217,3 +217,27 @@ def test_streaming_writer_roundtrip_bf16(tmp_path):
         assert torch.equal(loaded[k], v) and torch.equal(read_tensor(infos[k]), v)
     with pytest.raises(RuntimeError, match="missing"), StreamingShardWriter(tmp_path / "y.safetensors", plan, {}) as w:
         w.write("a", tensors["a"])
+
+
+def test_adapter_with_exaone_module_names_merges_identically(tiny_exaone_dir, tiny_lora_run, tmp_path):
+    """An adapter trained on EXAONE's own module names (remote-code training) maps through the one
+    name table to the same merge as the Llama-named adapter."""
+    from hai_medqa.model.exaone_layout import llama_to_exaone_name
+
+    prefix = "base_model.model."
+    src = tiny_lora_run / "adapter_best"
+    adapter = tmp_path / "exaone_named"
+    shutil.copytree(src, adapter)
+    renamed = {}
+    for key, value in load_file(src / "adapter_model.safetensors").items():
+        module, _, rest = key[len(prefix):].rpartition(".lora_")
+        renamed[prefix + llama_to_exaone_name(module + ".weight").removesuffix(".weight") + ".lora_" + rest] = value
+    save_file(renamed, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc_0", "c_fc_1", "c_proj"]
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+
+    merge_adapter(tiny_exaone_dir, src, tmp_path / "a")
+    merge_adapter(tiny_exaone_dir, adapter, tmp_path / "b")
+    a, b = (load_file(next((tmp_path / d).glob("model-*.safetensors"))) for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

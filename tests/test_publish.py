@@ -149,3 +149,13 @@ def test_missing_token_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "rel" / "README.md").write_text("x")
     with pytest.raises(PublishError, match="HF_TOKEN"):
         publish(tmp_path / "rel", "me/EXAONE-x")
+
+
+def test_shard_size_argument():
+    import argparse
+
+    assert merge_and_upload.parse_size("5GB") == 5 * 10**9
+    assert merge_and_upload.parse_size("512MiB") == 512 * 2**20
+    assert merge_and_upload.parse_size("1000") == 1000
+    with pytest.raises(argparse.ArgumentTypeError):
+        merge_and_upload.parse_size("five gigs")
