@@ -82,6 +82,13 @@ def test_exaone_layout_loads_back_with_identical_logits(tiny_exaone_dir, tiny_lo
     index = json.loads((exaone_out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == names
 
+    # From the converted Llama folder, the original EXAONE config comes back (the conversion record).
+    from hai_medqa.model.convert import ensure_llama_checkpoint
+
+    merge_adapter(ensure_llama_checkpoint(tiny_exaone_dir), tiny_lora_run / "adapter_best", tmp_path / "ex2",
+                  layout="exaone")
+    assert json.loads((tmp_path / "ex2" / "config.json").read_text()) == cfg
+
     # EXAONE's remote code cannot run here; the project's loader converts it back to Llama.
     back = load_causal_lm(exaone_out, dtype=torch.float32)
     assert torch.equal(_logits(back), _logits(_plain_load(llama_out)))

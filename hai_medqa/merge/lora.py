@@ -11,7 +11,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -77,6 +77,7 @@ class LoraAdapter:
     config: dict
     updates: dict[str, LoraUpdate]  # keyed by Llama-layout weight name ("...q_proj.weight")
     trained_on_exaone_names: bool = False  # module names in the file use EXAONE's layout
+    _peft_config: object = field(default=None, repr=False)
 
     @property
     def base_model_name_or_path(self) -> str | None:
@@ -84,22 +85,27 @@ class LoraAdapter:
 
     def targets_module(self, module: str) -> bool:
         """Whether the adapter config asks for a LoRA on `module` (PEFT's own matching rules)."""
-        from peft import LoraConfig
         from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
 
-        cfg = _lora_config(self.config)
-        if cfg.target_modules == "all-linear":  # PEFT expands this when saving; kept for hand-made configs
-            cfg.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-        assert isinstance(cfg, LoraConfig)
-        hit = check_target_module_exists(cfg, module)
+        if self._peft_config is None:
+            self._peft_config = _lora_config(self.config, self.path)
+        hit = check_target_module_exists(self._peft_config, module)
         return bool(hit) and not isinstance(hit, _ExcludedModule)
 
 
-def _lora_config(raw: dict):
+def _lora_config(raw: dict, path: Path):
+    """The adapter config as PEFT's LoraConfig (PEFT validates it); AdapterError if it refuses."""
     from peft import LoraConfig
 
-    known = {k: v for k, v in raw.items() if k in LoraConfig.__dataclass_fields__}
-    return LoraConfig(**{k: v for k, v in known.items() if k not in ("peft_type", "auto_mapping")})
+    known = {k: v for k, v in raw.items()
+             if k in LoraConfig.__dataclass_fields__ and k not in ("peft_type", "auto_mapping")}
+    try:
+        cfg = LoraConfig(**known)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{path / ADAPTER_CONFIG}: PEFT rejects this LoRA config ({e})") from None
+    if cfg.target_modules == "all-linear":  # PEFT expands this when saving; kept for hand-made configs
+        cfg.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    return cfg
 
 
 def _pattern_value(patterns: dict, module: str, default):

@@ -162,18 +162,24 @@ def check_adapter_fits(base: BaseCheckpoint, adapter: LoraAdapter) -> None:
         logger.warning(f"adapter records base {recorded!r}, merging into {base.path}; shapes match, continuing")
 
 
-def conversion_source(folder: Path) -> tuple[str | None, str | None]:
-    """(source folder, source id) recorded by the model stage in a converted folder, if any."""
+def conversion_record(folder: Path) -> dict:
+    """The record the model stage writes into a converted folder ({} when there is none)."""
     from hai_medqa.model.convert import RECORD_FILE
 
     record = folder / RECORD_FILE
     if not record.is_file():
-        return None, None
+        return {}
     try:
         data = json.loads(record.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
-        return None, None
-    return data.get("source"), data.get("source_id")
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def conversion_source(folder: Path) -> tuple[str | None, str | None]:
+    """(source folder, source id) recorded by the model stage in a converted folder, if any."""
+    record = conversion_record(folder)
+    return record.get("source"), record.get("source_id")
 
 
 def _same_base(recorded: str, base_dir: Path) -> bool:
@@ -269,10 +275,12 @@ def _generation_config(base_dir: Path, bos_id: int | None, eos_id: int, pad_id: 
     return gen
 
 
-def _output_config(base: BaseCheckpoint, layout: str, out_dir: Path) -> dict:
+def _output_config(base: BaseCheckpoint, layout: str) -> dict:
     if layout == "llama":
         return dict(base.llama_config)
-    reference = base.config if base.layout == "exaone" else None
+    # Keep EXAONE's own config (key order, auto_map, embed_dropout): the base's, or the original one
+    # the model stage recorded when it converted this Llama folder.
+    reference = base.config if base.layout == "exaone" else conversion_record(base.path).get("source_config")
     try:
         config = llama_config_to_exaone(base.llama_config, reference=reference)
     except ModelLayoutError as e:
@@ -424,7 +432,7 @@ def merge_adapter(
     check_output_path(output, [base_dir, lora.path], overwrite, may_contain=[run] if run else [])
     tokenizer, tok_source, eos_id, pad_id = _prepare_tokenizer(lora.path, base_dir)
     gen_config = _generation_config(base_dir, tokenizer.bos_token_id, eos_id, pad_id)
-    out_config = _output_config(checkpoint, layout, output)
+    out_config = _output_config(checkpoint, layout)
     weight_dtypes = sorted({info.dtype for info in checkpoint.tensors.values()})
 
     items = list(checkpoint.tensors.items())
