@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -66,6 +67,25 @@ def test_tiny_tokenizer_carries_exaone_specials_and_template(tiny_exaone_dir):
         assert tok.convert_tokens_to_ids(marker) in ids
     assert tok.decode(ids) == text
     assert ids[0] != tok.bos_token_id  # the template emits no BOS and neither does tokenization
+
+
+def test_load_tokenizer_keeps_tokenizer_json_pipeline(tiny_exaone_dir, tmp_path):
+    """transformers 5 rebuilds a GPT2Tokenizer from its class recipe and drops the pre-tokenizer in
+    tokenizer.json; load_tokenizer must tokenize exactly like the file (the real EXAONE tokenizer's
+    pre-tokenizer need not be GPT-2's)."""
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_exaone_dir, folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\d"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok = load_tokenizer(folder)
+    text = "두통 123 hello  world"
+    assert tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text) == raw.pre_tokenizer.pre_tokenize_str(text)
+    assert tok(text, add_special_tokens=False)["input_ids"] == raw.encode(text).ids
+    assert tok.eos_token == EOT and tok.pad_token == "[PAD]" and tok.chat_template == EXAONE_CHAT_TEMPLATE
 
 
 def test_tokenizer_is_trained_on_the_bundled_sample(tmp_path):

@@ -21,9 +21,12 @@ from hai_medqa.model.exaone_layout import LLAMA_MODEL_TYPE, ModelLayoutError
 def load_tokenizer(path: str | Path, **kwargs: Any):
     """Load the tokenizer of a checkpoint folder (EXAONE or Llama layout) without trust_remote_code.
 
-    AutoTokenizer reads config.json first and, on an EXAONE folder (model_type "exaone" + auto_map),
-    demands remote code. So the class named by tokenizer_config.json's ``tokenizer_class`` is
-    resolved directly (falling back to the generic fast tokenizer) and loaded from the folder.
+    Two transformers-5 traps are avoided. AutoTokenizer reads config.json first and, on an EXAONE
+    folder (model_type "exaone" + auto_map), demands remote code. And resolving ``tokenizer_class``
+    (EXAONE names GPT2Tokenizer) rebuilds the pipeline from that class's recipe, silently replacing
+    the pre-tokenizer stored in tokenizer.json. So when tokenizer.json exists it is loaded verbatim
+    as a fast tokenizer (special tokens and chat template still come from tokenizer_config.json);
+    only folders without it fall back to the class named in tokenizer_config.json.
     Warns when padding would reuse the EOS token.
     """
     from transformers import PreTrainedTokenizerFast
@@ -35,17 +38,17 @@ def load_tokenizer(path: str | Path, **kwargs: Any):
         raise ModelLayoutError(f"{folder}: not a folder")
     if not cfg_path.is_file() and not (folder / "tokenizer.json").is_file():
         raise ModelLayoutError(f"{folder}: no tokenizer files (tokenizer_config.json / tokenizer.json)")
-    class_name = None
-    if cfg_path.is_file():
+    cls = PreTrainedTokenizerFast
+    if not (folder / "tokenizer.json").is_file():
         try:
             class_name = json.loads(cfg_path.read_text(encoding="utf-8")).get("tokenizer_class")
         except json.JSONDecodeError as e:
             raise ModelLayoutError(f"{cfg_path}: not valid JSON ({e})") from None
-    cls = tokenizer_class_from_name(class_name) if class_name else None
-    if cls is None:
-        if class_name:
-            logger.warning(f"{cfg_path}: unknown tokenizer_class {class_name!r}; using PreTrainedTokenizerFast")
-        cls = PreTrainedTokenizerFast
+        resolved = tokenizer_class_from_name(class_name) if class_name else None
+        if resolved is None:
+            raise ModelLayoutError(f"{folder}: no tokenizer.json and tokenizer_class {class_name!r} is unknown "
+                                   "(custom tokenizer code is never run)")
+        cls = resolved
     kwargs.setdefault("trust_remote_code", False)
     tokenizer = cls.from_pretrained(str(folder), **kwargs)
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
