@@ -51,12 +51,12 @@ DEVICE = "cuda" if CUDA else "cpu"  # CPU only for a smoke test of the mechanics
 
 def _sync() -> None:
     if CUDA:
-        _sync()
+        torch.cuda.synchronize()
 
 
 def _reset_peak() -> None:
     if CUDA:
-        _reset_peak()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _peaks() -> dict:

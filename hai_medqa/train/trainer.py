@@ -129,6 +129,8 @@ class Trainer:
         # cpu=True when there is no GPU: accelerate only forms a multi-process (gloo) group on CPU if told
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
+        if self.device.type == "cuda" and self.device.index is None:  # one GPU: accelerate says plain "cuda"
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
