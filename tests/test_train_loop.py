@@ -37,6 +37,7 @@ def make_cfg(repo_root, tiny_exaone_dir, sample_jsonl, tmp_path_factory):
                      "output_dir": str(out), "cache_dir": str(cache), "max_steps": str(STEPS), "save_steps": "3",
                      "gradient_accumulation_steps": "2", "tokens_per_micro_batch": "1024", "tensorboard": "false",
                      "lora_dropout": "0.1",  # dropout draws random numbers: the RNG state must be restored too
+                     "optimizer": "paged_adamw_8bit",  # the default optimizer; its state must survive resume
                      **{k: str(v) for k, v in extra.items()}}
         return load_config(TrainConfig, repo_root / "configs" / "tiny_cpu.yaml", overrides)
 
@@ -50,6 +51,7 @@ def metrics(out):
 def test_sigterm_then_resume_matches_uninterrupted_run(make_cfg, tmp_path):
     straight = run_training(*make_cfg(tmp_path / "straight"))
     assert straight["status"] == "completed" and straight["global_step"] == STEPS
+    assert straight["optimizer"] == "paged_adamw_8bit"  # bitsandbytes' optimizer runs on CPU too
 
     def send_sigterm(trainer, rec):
         if rec["step"] == 5:
