@@ -18,10 +18,23 @@ import sys
 # Importing torch/transformers takes seconds; keep --help and config errors instant.
 
 
+def _keys_help() -> str:
+    import dataclasses
+
+    from hai_medqa.train.config import TrainConfig
+
+    lines = ["config keys (set in the YAML file or override as --key value; docs/training.md):"]
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  --{f.name.replace('_', '-'):<28} default: {default!r}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="QLoRA fine-tuning of EXAONE-3.5 on the medical QA jsonl.",
-        epilog="Any config key can be overridden as --key value (see docs/training.md).",
+        epilog=_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", default="configs/exaone35_7.8b_qlora.yaml", help="YAML config file")
     args, rest = parser.parse_known_args(argv)

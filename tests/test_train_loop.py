@@ -154,3 +154,17 @@ def test_evaluation_does_not_change_training_gradients(make_cfg, sample_jsonl, t
     after = grads()
     for name in before:
         assert torch.allclose(before[name], after[name], rtol=1e-5, atol=1e-8), name
+
+
+def test_early_stopping_keeps_best_and_last_adapters(make_cfg, sample_jsonl, tmp_path):
+    out = tmp_path / "early"
+    summary = run_training(*make_cfg(out, val_file=str(sample_jsonl["validation"]), max_eval_samples=6,
+                                     learning_rate=1e-9, eval_steps=2, early_stopping_patience=2,
+                                     early_stopping_min_delta=1e-3))  # a frozen model never improves by 1e-3
+    assert summary["status"] == "early_stopped"
+    assert summary["global_step"] == 6 and summary["best_step"] == 2
+    assert [r["step"] for r in metrics(out) if "val_loss" in r] == [2, 4, 6]
+    best = json.loads((out / "adapter_best" / "hai_medqa_training.json").read_text(encoding="utf-8"))
+    last = json.loads((out / "adapter_last" / "hai_medqa_training.json").read_text(encoding="utf-8"))
+    assert (best["step"], last["step"]) == (2, 6)
+    assert best["val_loss"] == pytest.approx(summary["best_val_loss"])
