@@ -13,7 +13,9 @@ prompt): the result is stored as safetensors arrays under the cache folder and r
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,48 +73,70 @@ class TokenizedDataset:
         return lab
 
 
+def _parse_line(line: str) -> list[dict]:
+    """Chat messages of one jsonl line; ValueError/ChatFormatError say why it is unusable."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg})") from None
+    messages = chat_format.record_to_messages(record, system_prompt=None)
+    if messages[-1]["role"] != "assistant":
+        raise chat_format.ChatFormatError("the last message is not an assistant answer")
+    return messages
+
+
+def iter_sft_records(path: str | Path, stats: dict[str, Any], *, what: str = "train_file",
+                     ) -> Iterator[tuple[int, list[dict]]]:
+    """Stream (line number, chat messages) from a jsonl file, skipping unusable lines with a warning.
+
+    Streaming keeps memory at the token arrays even for millions of records. Counts go into `stats`
+    (``records``, ``unusable_records``, ``first_problem``) as the file is read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    stats.update(records=0, unusable_records=0, first_problem=None)
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            stats["records"] += 1
+            try:
+                messages = _parse_line(line)
+            except (ValueError, chat_format.ChatFormatError) as e:
+                stats["unusable_records"] += 1
+                problem = f"{path}:{lineno}: {e}"
+                stats["first_problem"] = stats["first_problem"] or problem
+                if stats["unusable_records"] <= _MAX_WARNINGS:
+                    logger.warning(f"skipping record: {problem}")
+                elif stats["unusable_records"] == _MAX_WARNINGS + 1:
+                    logger.warning(f"further unusable records in {path} are counted, not listed")
+                continue
+            yield lineno, messages
+
+
+def _raise_if_unusable(path: Path, stats: dict[str, Any], n_usable: int, what: str) -> None:
+    if stats["records"] == 0:
+        raise DataError(f"{what} is empty: {path} (no records)")
+    if n_usable == 0:
+        raise DataError(f"{what} has no usable records: {path} (all {stats['unusable_records']} unusable; "
+                        f"first: {stats['first_problem']})")
+
+
 def read_sft_records(path: str | Path, *, what: str = "train_file") -> tuple[list[tuple[int, list[dict]]], dict]:
-    """Read a jsonl file into (line number, chat messages) pairs; skip unusable lines with a warning.
+    """All usable (line number, chat messages) of a jsonl file, and the counts.
 
     Raises DataError (one line) if the file is missing, empty, or has no usable record. A usable
     record has a non-empty string ``instruction`` and ``output`` (or a ``messages`` list ending in an
     assistant turn); malformed JSON and other records are counted and reported, not fatal.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
-    if path.stat().st_size == 0:
+    if path.is_file() and path.stat().st_size == 0:
         raise DataError(f"{what} is empty: {path}")
-    out: list[tuple[int, list[dict]]] = []
-    bad: list[str] = []
-    n_lines = 0
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            n_lines += 1
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.append(f"{path}:{lineno}: not valid JSON ({e.msg})")
-                continue
-            try:
-                messages = chat_format.record_to_messages(record, system_prompt=None)
-                if messages[-1]["role"] != "assistant":
-                    raise chat_format.ChatFormatError("the last message is not an assistant answer")
-            except chat_format.ChatFormatError as e:
-                bad.append(f"{path}:{lineno}: {e}")
-                continue
-            out.append((lineno, messages))
-    if n_lines == 0:
-        raise DataError(f"{what} is empty: {path} (no records)")
-    for msg in bad[:_MAX_WARNINGS]:
-        logger.warning(f"skipping record: {msg}")
-    if len(bad) > _MAX_WARNINGS:
-        logger.warning(f"... and {len(bad) - _MAX_WARNINGS} more unusable records in {path}")
-    if not out:
-        raise DataError(f"{what} has no usable records: {path} (all {len(bad)} unusable; first: {bad[0]})")
-    return out, {"records": n_lines, "unusable_records": len(bad)}
+    stats: dict[str, Any] = {}
+    out = list(iter_sft_records(path, stats, what=what))
+    _raise_if_unusable(path, stats, len(out), what)
+    return out, {"records": stats["records"], "unusable_records": stats["unusable_records"]}
 
 
 def check_sft_file(path: str | Path | None, *, what: str = "train_file") -> None:
@@ -136,15 +160,10 @@ def check_sft_file(path: str | Path | None, *, what: str = "train_file") -> None
                 continue
             n += 1
             try:
-                messages = chat_format.record_to_messages(json.loads(line), system_prompt=None)
-                if messages[-1]["role"] == "assistant":
-                    return
-                problem = "the last message is not an assistant answer"
-            except json.JSONDecodeError as e:
-                problem = f"not valid JSON ({e.msg})"
-            except chat_format.ChatFormatError as e:
-                problem = str(e)
-            first_problem = first_problem or f"{path}:{lineno}: {problem}"
+                _parse_line(line)
+                return
+            except (ValueError, chat_format.ChatFormatError) as e:
+                first_problem = first_problem or f"{path}:{lineno}: {e}"
     if n == 0:
         raise DataError(f"{what} is empty: {path} (no records)")
     raise DataError(f"{what} has no usable records: {path} (all {n} unusable; first: {first_problem})")
@@ -195,7 +214,7 @@ def cache_key(*, data_sha256: str, tokenizer: Any, max_length: int, overlong: st
 
 
 def tokenize_records(
-    records: list[tuple[int, list[dict]]],
+    records: Iterable[tuple[int, list[dict]]],
     tokenizer: Any,
     *,
     max_length: int,
@@ -218,9 +237,10 @@ def tokenize_records(
     prompt_lengths: list[int] = []
     lines: list[int] = []
     truncated = dropped_overlong = dropped_prompt_too_long = 0
-    for start in tqdm(range(0, len(records), batch_size), desc=desc, unit="batch", leave=False,
-                      disable=len(records) < 4 * batch_size):
-        chunk = records[start:start + batch_size]
+    records = iter(records)
+    bar = tqdm(desc=desc, unit=" samples", leave=False, disable=None)  # disable=None: no bar off a terminal
+    while chunk := list(itertools.islice(records, batch_size)):
+        bar.update(len(chunk))
         pairs = [chat_format.split_prompt_answer(_with_system_prompt(m, system_prompt)) for _, m in chunk]
         prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
         answers = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
@@ -240,6 +260,7 @@ def tokenize_records(
             ids_parts.append(np.asarray(p_ids + a_ids, dtype=np.int32))
             prompt_lengths.append(len(p_ids))
             lines.append(lineno)
+    bar.close()
     lengths = np.asarray([len(x) for x in ids_parts], dtype=np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -296,13 +317,17 @@ def load_tokenized(
         ds = _load(folder)
         logger.info(f"{what}: tokenisation cache hit ({len(ds)} samples) at {folder}")
     else:
-        records, read_stats = read_sft_records(path, what=what)
-        if max_samples is not None:
-            records = records[:max_samples]
-        logger.info(f"{what}: tokenising {len(records)} records from {path}")
-        ds = tokenize_records(records, tokenizer, max_length=max_length, overlong=overlong,
-                              system_prompt=prompt, desc=f"tokenising {what}")
-        ds.stats.update(read_stats, data_sha256=data_sha, file=str(path), cache_key=key)
+        if path.stat().st_size == 0:
+            raise DataError(f"{what} is empty: {path}")
+        logger.info(f"{what}: tokenising {path}")
+        read_stats: dict[str, Any] = {}
+        records = iter_sft_records(path, read_stats, what=what)
+        ds = tokenize_records(itertools.islice(records, max_samples), tokenizer, max_length=max_length,
+                              overlong=overlong, system_prompt=prompt, desc=f"tokenising {what}")
+        n_usable = len(ds) + ds.stats["dropped_overlong"] + ds.stats["dropped_prompt_too_long"]
+        _raise_if_unusable(path, read_stats, n_usable, what)
+        ds.stats.update(records=read_stats["records"], unusable_records=read_stats["unusable_records"],
+                        data_sha256=data_sha, file=str(path), cache_key=key)
         if len(ds):
             with atomic_dir(folder) as tmp:
                 _save(ds, tmp)
