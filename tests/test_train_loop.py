@@ -83,12 +83,16 @@ def test_sigterm_then_resume_matches_uninterrupted_run(make_cfg, tmp_path):
     assert "tokenisation cache hit" in (out / "train.log").read_text(encoding="utf-8")
 
 
-def test_resume_refuses_a_changed_recipe(make_cfg, tmp_path):
+def test_resume_refuses_a_changed_recipe_or_data(make_cfg, sample_jsonl, tmp_path):
     out = tmp_path / "run"
     cfg, explicit = make_cfg(out, max_steps=2, save_steps=1)
     run_training(cfg, explicit)
     with pytest.raises(TrainingError, match=r"config differs .* lora_r"):
         run_training(*make_cfg(out, max_steps=4, save_steps=1, resume="true", lora_r=8))
+    other = tmp_path / "other.jsonl"
+    other.write_text(sample_jsonl["train"].read_text(encoding="utf-8").replace("두통", "편두통", 1), encoding="utf-8")
+    with pytest.raises(TrainingError, match=r"other\.jsonl is not the file the checkpointed run trained on"):
+        run_training(*make_cfg(out, max_steps=2, save_steps=1, resume="true", train_file=str(other)))
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(make_cfg, tmp_path):

@@ -209,6 +209,15 @@ class Trainer:
                 f"--resume: the config differs from the checkpointed run in {', '.join(changed)} "
                 f"(e.g. {k}: {saved[k]!r} -> {now[k]!r}); use the original values or a new --output-dir"
             )
+        # The file may have moved (its path may change); its content may not: the saved data position
+        # indexes into it.
+        info_path = self.out / "run_info.json"
+        if info_path.is_file():
+            recorded = json.loads(info_path.read_text(encoding="utf-8")).get("data", {}).get("train_file", {})
+            if recorded.get("sha256") and recorded["sha256"] != sha256_file(self.cfg.train_file):
+                raise TrainingError(f"--resume: {self.cfg.train_file} is not the file the checkpointed run trained on "
+                                    f"(SHA-256 differs from run_info.json); resume with that file or use a new "
+                                    "--output-dir")
 
     def _check_tokenizer(self) -> None:
         problems = chat_format.check_tokenizer_template(self.tokenizer)
