@@ -28,8 +28,8 @@ class TrainConfig:
     model: str = "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct"
     """Hub id or local folder (EXAONE or Llama layout); resolved by hai_medqa.model.acquire."""
     model_revision: str | None = None
-    train_file: str = "outputs/data/train.jsonl"
-    val_file: str | None = "outputs/data/val.jsonl"
+    train_file: str = "data/train.jsonl"
+    val_file: str | None = "data/val.jsonl"
     output_dir: str = "runs/exaone35-7.8b-medqa"
     cache_dir: str | None = None
     """Tokenisation cache; default: <parent of output_dir>/.tokenized_cache."""
