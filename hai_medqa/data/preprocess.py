@@ -43,6 +43,7 @@ from .schema import SKIP_REASONS, DataError, InvalidItem, make_record, parse_ans
 EXAMPLES_PER_REASON = 5  # offending paths kept per skip reason in the report
 WARNINGS_PER_REASON = 10  # skipped files logged at WARNING per reason; the rest at DEBUG
 AUTO_WORKERS_MIN_FOLDERS = 256  # below this a process pool costs more than it saves
+FOLDERS_PER_TASK = 16  # folders per pool task
 
 
 @dataclass(frozen=True)
@@ -255,22 +256,35 @@ def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         yield pool
 
 
+def process_folders(tasks: list[FolderTask], options: PairingOptions) -> list[FolderResult]:
+    """process_folder over a batch; one pool task per batch keeps the per-task cost (pickling,
+    futures) small next to the work when folders are small."""
+    return [process_folder(task, options) for task in tasks]
+
+
 def _results(
     tasks: Iterator[FolderTask], options: PairingOptions, pool: ProcessPoolExecutor | None, workers: int
 ) -> Iterator[FolderResult]:
-    """process_folder over tasks, in task order. With a pool a bounded window of folders is in
-    flight, so memory stays at a few folders' worth whatever the dataset size."""
+    """process_folder over tasks, in task order. With a pool, batches of FOLDERS_PER_TASK folders are
+    handed out and at most 3 batches per worker are in flight, so memory stays at a few dozen
+    folders' worth whatever the dataset size."""
     if pool is None:
         for task in tasks:
             yield process_folder(task, options)
         return
     window: deque[Future] = deque()
+    batch: list[FolderTask] = []
     for task in tasks:
-        window.append(pool.submit(process_folder, task, options))
-        if len(window) >= 4 * workers:
-            yield window.popleft().result()
+        batch.append(task)
+        if len(batch) == FOLDERS_PER_TASK:
+            window.append(pool.submit(process_folders, batch, options))
+            batch = []
+            if len(window) >= 3 * workers:
+                yield from window.popleft().result()
+    if batch:
+        window.append(pool.submit(process_folders, batch, options))
     while window:
-        yield window.popleft().result()
+        yield from window.popleft().result()
 
 
 def resolve_workers(workers: int | None, n_folders: int) -> int:

@@ -345,7 +345,10 @@ def read_file_bytes(path: str) -> bytes:
     skips the buffered-IO object that open() builds for each one."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        chunks = []
+        chunk = os.read(fd, 1 << 16)
+        if len(chunk) < 1 << 16:  # a short read of a regular file is its end: one syscall for a small file
+            return chunk
+        chunks = [chunk]
         while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)
         return b"".join(chunks)
