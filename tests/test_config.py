@@ -102,3 +102,51 @@ def test_shipped_configs_load(repo_root, name):
         assert cfg.model.startswith("LGAI-EXAONE/EXAONE-3.5-")
         assert dataclasses.replace(cfg, model="x", output_dir="x", learning_rate=2e-4) == dataclasses.replace(
             TrainConfig(), model="x", output_dir="x", max_eval_samples=2000)
+
+
+# --- profile auto: the fastest profile that fits the GPU ------------------------------------------
+EXAONE_78B_LLAMA = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 102400,
+                    "tie_word_embeddings": False}
+EXAONE_24B_LLAMA = {"hidden_size": 2560, "intermediate_size": 7168, "num_hidden_layers": 30,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 80, "vocab_size": 102400,
+                    "tie_word_embeddings": True}
+EXAONE_32B_LLAMA = {"hidden_size": 5120, "intermediate_size": 27392, "num_hidden_layers": 64,
+                    "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 102400,
+                    "tie_word_embeddings": False}
+GIB = 2**30
+
+
+def test_fast_profile_estimate_covers_the_measured_peak():
+    from hai_medqa.train.config import estimate_fast_peak_gib
+
+    # Measured on the H100 (docs/performance.md): 41.5 GiB reserved at 8192 tokens. The estimate must
+    # not fall below it (or auto would pick a profile that does not fit) and not waste a whole card.
+    est = estimate_fast_peak_gib(EXAONE_78B_LLAMA, 8192)
+    assert 41.5 <= est <= 50
+    assert estimate_fast_peak_gib(EXAONE_78B_LLAMA, 4096) < est  # fewer tokens, fewer activations
+
+
+@pytest.mark.parametrize(("model", "gpu_gib", "expected"), [
+    (EXAONE_78B_LLAMA, 80, "fast"), (EXAONE_78B_LLAMA, 48, "lean"), (EXAONE_78B_LLAMA, 24, "lean"),
+    (EXAONE_78B_LLAMA, 16, "lean"), (EXAONE_24B_LLAMA, 40, "fast"), (EXAONE_24B_LLAMA, 16, "lean"),
+    (EXAONE_32B_LLAMA, 80, "lean"), (EXAONE_32B_LLAMA, 141, "lean"),
+])
+def test_auto_profile_picks_the_fastest_that_fits(model, gpu_gib, expected):
+    from hai_medqa.train.config import TrainConfig, resolve_profile
+
+    cfg, name = resolve_profile(TrainConfig(), set(), on_gpu=True, model_config=model, gpu_memory_bytes=gpu_gib * GIB)
+    assert name == expected
+    assert cfg.gradient_checkpointing is (expected == "lean")
+
+
+def test_auto_profile_on_cpu_is_plain_and_explicit_keys_win():
+    from hai_medqa.train.config import TrainConfig, resolve_profile
+
+    cfg, name = resolve_profile(TrainConfig(), set(), on_gpu=False, model_config=EXAONE_78B_LLAMA,
+                                gpu_memory_bytes=80 * GIB)
+    assert name == "plain" and cfg.attn_implementation == "sdpa"
+    cfg, name = resolve_profile(TrainConfig(lora_dropout=0.1, gradient_checkpointing=True),
+                                {"lora_dropout", "gradient_checkpointing"}, on_gpu=True,
+                                model_config=EXAONE_78B_LLAMA, gpu_memory_bytes=80 * GIB)
+    assert name == "fast" and cfg.lora_dropout == 0.1 and cfg.gradient_checkpointing is True

@@ -138,27 +138,65 @@ class TrainConfig:
             raise ConfigError("lora_target_modules is empty")
 
 
-# Named bundles of speed/memory settings. The numbers the GPU benchmark settles on belong here.
-#   plain: the portable reference path (sdpa, no Liger, checkpointing) - what CPUs run;
-#   lean:  least memory (Liger's fused linear+cross-entropy never materialises full logits);
-#   fast:  highest throughput measured (flex attention + Liger, no dropout, fixed row shape).
+# Named bundles of speed/memory settings, as measured on an H100 by bench/train_throughput.py
+# (docs/performance.md, EXAONE-3.5-7.8B shape, 8192 tokens per micro-batch):
+#   plain: the portable reference path (sdpa, no Liger, PEFT's LoRA forward would be 3.4k tok/s) - CPUs;
+#   lean:  flex attention + Liger + fused LoRA, checkpointing: 8.7k tok/s in 9.5 GiB (fits 16 GB cards);
+#   fast:  the same without checkpointing, fixed row shape: 13.0k tok/s in 41.5 GiB.
+# LoRA dropout costs a full-width mask per projection (and its memory), so the GPU profiles leave it off
+# unless the config sets it; the loss curves of plain (dropout 0.05) and lean match (docs/performance.md).
 PROFILES: dict[str, dict[str, Any]] = {
     "plain": {"attn_implementation": "sdpa", "liger_kernel": False, "gradient_checkpointing": True,
               "pad_to_fixed_length": False},
-    "lean": {"attn_implementation": "auto", "liger_kernel": "auto", "gradient_checkpointing": True,
-             "pad_to_fixed_length": False},
-    "fast": {"attn_implementation": "flex_attention", "liger_kernel": "auto", "gradient_checkpointing": True,
+    "lean": {"attn_implementation": "flex_attention", "liger_kernel": "auto", "gradient_checkpointing": True,
+             "lora_dropout": 0.0, "pad_to_fixed_length": False},
+    "fast": {"attn_implementation": "flex_attention", "liger_kernel": "auto", "gradient_checkpointing": False,
              "lora_dropout": 0.0, "pad_to_fixed_length": True},
 }
 
+# Fast-profile activation memory per (layer x token x (hidden + intermediate)), in bytes: 8.1 measured
+# on the 7.8B shape (41.5 GiB reserved at 8192 tokens, 4.9 GiB of it weights), rounded up for headroom.
+_FAST_ACTIVATION_BYTES = 9.0
+_FAST_MEMORY_FRACTION = 0.85  # leave room for fragmentation, evaluation and other processes
 
-def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool) -> tuple[TrainConfig, str]:
+
+def estimate_fast_peak_gib(model_config: dict[str, Any], tokens_per_micro_batch: int) -> float:
+    """Peak GPU memory of the fast profile for a Llama-layout config: NF4 weights (0.5625 bytes per
+    linear parameter with double quantisation), bf16 embeddings and head, and activations kept for the
+    backward pass (no checkpointing)."""
+    h, inter = model_config["hidden_size"], model_config["intermediate_size"]
+    layers, vocab = model_config["num_hidden_layers"], model_config["vocab_size"]
+    heads = model_config["num_attention_heads"]
+    kv = model_config.get("num_key_value_heads") or heads
+    head_dim = model_config.get("head_dim") or h // heads
+    linear = layers * (2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * inter)
+    embeddings = vocab * h * (1 if model_config.get("tie_word_embeddings") else 2)
+    weights = 0.5625 * linear + 2 * embeddings
+    activations = _FAST_ACTIVATION_BYTES * layers * tokens_per_micro_batch * (h + inter)
+    return (weights + activations) / 2**30
+
+
+def choose_gpu_profile(model_config: dict[str, Any], tokens_per_micro_batch: int, gpu_memory_bytes: int) -> str:
+    """The fastest profile whose estimated peak fits the GPU: fast when it fits, else lean."""
+    fits = estimate_fast_peak_gib(model_config, tokens_per_micro_batch) <= _FAST_MEMORY_FRACTION * gpu_memory_bytes / 2**30
+    return "fast" if fits else "lean"
+
+
+def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool, model_config: dict[str, Any] | None = None,
+                    gpu_memory_bytes: int | None = None) -> tuple[TrainConfig, str]:
     """Apply the chosen profile to every key the user left at its default; return (config, profile used).
 
-    ``auto`` means ``lean`` on a GPU and ``plain`` on a CPU.
+    ``auto`` means ``plain`` on a CPU; on a GPU the fastest profile that fits it (`choose_gpu_profile`,
+    given the model's config and the GPU's memory), or ``lean`` when those are not known yet.
     """
     name = cfg.profile
     if name == "auto":
-        name = "lean" if on_gpu else "plain"
+        if not on_gpu:
+            name = "plain"
+        elif model_config is not None and gpu_memory_bytes:
+            tokens = cfg.tokens_per_micro_batch
+            name = choose_gpu_profile(model_config, tokens, gpu_memory_bytes)
+        else:
+            name = "lean"
     updates = {k: v for k, v in PROFILES[name].items() if k not in explicit}
     return dataclasses.replace(cfg, **updates), name

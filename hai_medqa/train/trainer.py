@@ -43,7 +43,7 @@ from hai_medqa.config import config_to_dict, dump_config_yaml
 from hai_medqa.io_utils import atomic_dir, atomic_path, atomic_write_text, sha256_file, write_json
 from hai_medqa.logging_setup import setup_logging
 from hai_medqa.train import backends, fast_lora
-from hai_medqa.train.config import TrainConfig, resolve_profile
+from hai_medqa.train.config import TrainConfig, estimate_fast_peak_gib, resolve_profile
 from hai_medqa.train.errors import TrainingError
 from hai_medqa.train.packing import collate_packed, collate_padded, group_into_steps, plan_epoch
 from hai_medqa.train.plots import plot_loss_curve, read_metrics
@@ -134,6 +134,7 @@ class Trainer:
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
+        self.requested_cfg = cfg  # before the profile: `auto` is settled once the model's size is known
         cfg, self.profile_used = resolve_profile(cfg, set(explicit), on_gpu=self.device.type == "cuda")
         self.cfg = cfg
         self.explicit = set(explicit)
@@ -157,12 +158,25 @@ class Trainer:
         if cfg.val_file:
             check_sft_file(cfg.val_file, what="val_file")
         self._check_output_dir()
+        cfg = self.cfg  # --resume may have been dropped (nothing to resume)
 
         from hai_medqa.model.acquire import resolve_model
         from hai_medqa.model.load import load_tokenizer
 
         with self.accelerator.main_process_first():  # one download/conversion, the others reuse it
             self.model_path = Path(resolve_model(cfg.model, revision=cfg.model_revision))
+        if self.requested_cfg.profile == "auto" and self.device.type == "cuda":
+            model_config = json.loads((self.model_path / "config.json").read_text(encoding="utf-8"))
+            gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory
+            self.cfg, self.profile_used = resolve_profile(self.requested_cfg, self.explicit, on_gpu=True,
+                                                          model_config=model_config, gpu_memory_bytes=gpu_bytes)
+            self.cfg = dataclasses.replace(self.cfg, resume=cfg.resume)  # as _check_output_dir settled it
+            cfg = self.cfg
+            logger.info(f"profile auto -> {self.profile_used} (fast profile needs ~"
+                        f"{estimate_fast_peak_gib(model_config, cfg.tokens_per_micro_batch):.0f} GiB; "
+                        f"GPU has {gpu_bytes / 2**30:.0f} GiB)")
+        if cfg.resume:  # compared once the profile is settled, so `auto` resolves the same way as before
+            self._check_resume_config()
         self.tokenizer = load_tokenizer(self.model_path)
         self._check_tokenizer()
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -191,8 +205,6 @@ class Trainer:
         elif not self.cfg.resume and ckpts:
             raise TrainingError(f"{self.out} already holds checkpoints ({ckpts[-1].name}); pass --resume to "
                                 "continue that run, or choose a new --output-dir")
-        if self.cfg.resume:
-            self._check_resume_config()
 
     def _check_resume_config(self) -> None:
         saved_path = self.out / "resolved_config.yaml"
