@@ -260,6 +260,10 @@ def main() -> int:
                     help="learning rate of every arm (high, so the loss check is decisive in a few steps)")
     ap.add_argument("--workdir", default=os.environ.get("BENCH_WORKDIR", "/tmp/hai_bench"))
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--storage-dtype", default=None,
+                    help="dtype of the random checkpoint's tensors on disk (default: the shape's bf16). "
+                         "float8_e4m3fn halves the 32B checkpoint (64 -> 32 GB) so it fits a RAM disk; the "
+                         "loader casts to bf16 and quantises to NF4 exactly as for a bf16 checkpoint")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -282,7 +286,7 @@ def main() -> int:
     ckpt = work / f"exaone-{args.shape}"
     t0 = time.time()
     if not (ckpt / "config.json").exists():
-        build_exaone_checkpoint(ckpt, args.shape, tokenizer_dir=tok_dir, device=DEVICE)
+        build_exaone_checkpoint(ckpt, args.shape, tokenizer_dir=tok_dir, device=DEVICE, dtype=args.storage_dtype)
     build_s = time.time() - t0
     data = work / "synthetic.jsonl"
     info = write_synthetic_jsonl(data, load_tokenizer(tok_dir), args.records, seed=0)
@@ -316,7 +320,7 @@ def main() -> int:
     report = {"shape": args.shape, "device": torch.cuda.get_device_name(0) if CUDA else "cpu", "torch": torch.__version__,
               "transformers": transformers.__version__, "peft": peft.__version__,
               "bitsandbytes": bitsandbytes.__version__, "date": time.strftime("%Y-%m-%d"),
-              "matmul_params": n_params, "data": info, "build_s": round(build_s, 1), "results": results}
+              "matmul_params": n_params, "storage_dtype": args.storage_dtype or "bfloat16", "data": info, "build_s": round(build_s, 1), "results": results}
     print(f"\n{args.shape} on {report['device']} (torch {torch.__version__}, transformers {transformers.__version__})")
     print(f"{'variant':<58} {'real tok/s':>10} {'x base':>7} {'MFU':>6} {'alloc':>7} {'reserv':>7}  check")
     for r in results:
