@@ -120,3 +120,13 @@ def test_unusable_inputs_are_one_line_errors(tmp_path, make, message):
 def test_unknown_split_is_an_error(tmp_path):
     with pytest.raises(DataError, match="unknown split"):
         discover_sources([_label_root(tmp_path / "TL")], split="test")
+
+
+def test_files_larger_than_one_read_are_read_whole(tmp_path):
+    root = _label_root(tmp_path / "TL")
+    body = "가" * 50_000 + "끝"  # 150 KB of UTF-8: more than one 64 KiB read
+    answer = next((root / "2.답변").rglob("*.json"))
+    answer.write_text(json.dumps({"answer": {"body": body}}, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    run_preprocess([root], out, progress=False)
+    assert json.loads(out.read_text(encoding="utf-8"))["output"] == body
