@@ -345,7 +345,7 @@ def run_preprocess(
     with DatasetIndex(sources, report.skip) as index:
         keys = index.sorted_keys()
         n_workers = resolve_workers(workers, len(keys))
-        logger.info("{} folders to pair ({} worker{})", len(keys), n_workers, "s" if n_workers > 1 else "")
+        logger.info("{} folders indexed ({} worker{})", len(keys), n_workers, "s" if n_workers > 1 else "")
         with (
             atomic_path(output) as tmp,
             open(tmp, "w", encoding="utf-8", newline="\n") as out,
@@ -434,7 +434,7 @@ def format_summary(report: dict) -> str:
     if not report["skipped"]:
         row("(nothing)", "")
     for reason, entry in report["skipped"].items():
-        row(f"{reason} ({SKIP_REASONS.get(reason, reason)})", entry["count"])
+        row(reason, f"{entry['count']:,}  ({SKIP_REASONS.get(reason, reason)})")
     opts = report["options"]
     section("options")
     row("pairing", opts["pairing"])
