@@ -79,12 +79,15 @@ def test_plan_is_a_pure_function_of_seed_and_epoch():
     assert [len(b) for b in padded] == [8] * 12 + [4]
 
 
-def test_group_into_steps_shares_micro_batches_evenly():
+def test_group_into_steps_depends_only_on_the_global_batch():
     mbs = [[i] for i in range(11)]
     steps = group_into_steps(mbs, accumulation=2, world_size=2)
-    assert [len(s) for s in steps] == [4, 4, 2]  # the 11th is dropped so both ranks get the same count
-    assert [mb for s in steps for mb in s] == mbs[:10]
-    assert [len(s[r::2]) for s in steps for r in range(2)] == [2, 2, 2, 2, 1, 1]
+    assert [len(s) for s in steps] == [4, 4, 3]  # nothing dropped: the last step is shorter
+    assert [mb for s in steps for mb in s] == mbs
+    assert [len(s[r::2]) for s in steps for r in range(2)] == [2, 2, 2, 2, 2, 1]
+    assert steps == group_into_steps(mbs, accumulation=4, world_size=1)  # same steps on one process
+    assert [len(s[r::4]) for s in group_into_steps(mbs, accumulation=1, world_size=4)[-1:] for r in range(4)] == [
+        1, 1, 1, 0]  # rank 3 has nothing in the last step (it joins with a zero-weight pass)
 
 
 def test_collate_packed_layout(ds):

@@ -67,15 +67,22 @@ def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return value
 
 
-def bnb_4bit_config(compute_dtype: str | torch.dtype = torch.bfloat16):
-    """The QLoRA quantisation used everywhere: NF4, double quantisation, given compute dtype."""
+def bnb_4bit_config(compute_dtype: str | torch.dtype = torch.bfloat16, quant_storage: str | torch.dtype | None = None):
+    """The QLoRA quantisation used everywhere: NF4, double quantisation, given compute dtype.
+
+    `quant_storage` is the dtype the packed 4-bit values are stored in (None: bitsandbytes' uint8).
+    FSDP needs a floating-point storage equal to the model's dtype so it can shard the weights
+    (FSDP-QLoRA); the bits and the maths are unchanged.
+    """
     from transformers import BitsAndBytesConfig
 
+    extra = {"bnb_4bit_quant_storage": as_dtype(quant_storage)} if quant_storage is not None else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=as_dtype(compute_dtype),
+        **extra,
     )
 
 
@@ -86,11 +93,13 @@ def load_causal_lm(
     dtype: str | torch.dtype = torch.bfloat16,
     device_map: str | dict | None = None,
     attn_implementation: str | None = "sdpa",
+    quant_storage: str | torch.dtype | None = None,
 ):
     """Load a causal LM from a local checkpoint folder as a native transformers Llama model.
 
     An EXAONE-layout folder is converted to Llama layout first (cached). `quantize_4bit` loads the
     linear layers in bitsandbytes NF4 (QLoRA); `dtype` is the compute/storage dtype of the rest.
+    `quant_storage`: storage dtype of the packed 4-bit weights (see `bnb_4bit_config`).
     Only safetensors are read and remote code is never trusted.
     """
     from transformers import AutoModelForCausalLM
@@ -107,7 +116,7 @@ def load_causal_lm(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantize_4bit:
-        kwargs["quantization_config"] = bnb_4bit_config(torch_dtype)
+        kwargs["quantization_config"] = bnb_4bit_config(torch_dtype, quant_storage)
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     if model.config.model_type != LLAMA_MODEL_TYPE:
         logger.warning(f"{folder}: loaded model_type {model.config.model_type!r}, not 'llama'")

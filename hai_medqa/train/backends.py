@@ -29,6 +29,21 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def resolve_quant_storage(setting: str, compute_dtype: torch.dtype, *, fsdp: bool) -> torch.dtype | None:
+    """Storage dtype of the packed 4-bit weights: None (bitsandbytes' uint8) unless FSDP must shard them.
+
+    auto: the compute dtype under FSDP (FSDP shards only floating-point tensors, and a wrapped layer's
+    tensors must share one dtype), else None. Under FSDP an explicit storage must equal the compute dtype.
+    """
+    if setting == "auto":
+        return compute_dtype if fsdp else None
+    dtype = getattr(torch, setting)
+    if fsdp and dtype != compute_dtype:
+        raise ConfigError(f"quant_storage {setting} differs from the compute dtype {str(compute_dtype).replace('torch.', '')}; "
+                          "under FSDP they must match (use quant_storage: auto)")
+    return None if dtype == torch.uint8 else dtype
+
+
 def resolve_attn_implementation(requested: str, device: torch.device) -> str:
     """The attention implementation to load the model with.
 

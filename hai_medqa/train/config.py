@@ -51,6 +51,10 @@ class TrainConfig:
     quantize_4bit: bool = True
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """auto: bfloat16 on GPU, float32 on CPU."""
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
+    """Storage dtype of the packed 4-bit weights (bitsandbytes bnb_4bit_quant_storage). auto: the compute
+    dtype under FSDP (FSDP shards only floating-point tensors, uniform per wrapped layer), else uint8.
+    The stored bits, and so the model, are the same either way."""
     attn_implementation: AttnImpl = "auto"
     liger_kernel: bool | Literal["auto"] = "auto"
     gradient_checkpointing: bool = True
@@ -200,3 +204,28 @@ def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool, model
             name = "lean"
     updates = {k: v for k, v in PROFILES[name].items() if k not in explicit}
     return dataclasses.replace(cfg, **updates), name
+
+
+# What FSDP-QLoRA needs (fsdp_version 1, the path bitsandbytes' 4-bit weights shard on): PEFT's own LoRA
+# forward (the fused kernel reads LoRA weights outside their FSDP unit, which would see shards), torch
+# AdamW (FSDP gathers optimizer states shaped like the parameters; bitsandbytes' 8-bit states are
+# blockwise), and no dequantised copy of the base (it would defeat the sharding).
+FSDP_REQUIRED: dict[str, Any] = {"lora_kernel": "peft", "optimizer": "adamw_torch", "dequantize_cache": False}
+
+
+def apply_fsdp_requirements(cfg: TrainConfig, explicit: set[str], fsdp_version: int | None) -> tuple[TrainConfig, dict]:
+    """Under FSDP, set the keys FSDP-QLoRA needs (FSDP_REQUIRED) where the user left them at their
+    default; return (config, {key: value changed}). A conflicting explicit setting is a ConfigError."""
+    if fsdp_version is None:
+        return cfg, {}
+    if fsdp_version != 1:
+        raise ConfigError(f"FSDP-QLoRA needs fsdp_version 1, got {fsdp_version} (FSDP2 turns bitsandbytes' 4-bit "
+                          "weights into plain tensors and loses their quantisation state); launch with "
+                          "configs/accelerate/fsdp_qlora.yaml")
+    for key, value in FSDP_REQUIRED.items():
+        if key in explicit and getattr(cfg, key) != value:
+            raise ConfigError(f"{key}: {getattr(cfg, key)!r} does not work under FSDP; use {value!r} (or leave it unset)")
+    if cfg.quantize_4bit and cfg.quant_storage == "uint8":
+        raise ConfigError("quant_storage: uint8 cannot be sharded by FSDP; use auto (the compute dtype)")
+    changed = {k: v for k, v in FSDP_REQUIRED.items() if getattr(cfg, k) != v}
+    return dataclasses.replace(cfg, **changed), changed

@@ -70,14 +70,17 @@ def plan_epoch(
 
 
 def group_into_steps(micro_batches: list[list[int]], *, accumulation: int, world_size: int = 1) -> list[list[list[int]]]:
-    """Split an epoch's micro-batches into optimizer steps of up to ``accumulation * world_size``.
+    """Split an epoch's micro-batches into optimizer steps of ``accumulation * world_size`` (the last may
+    be shorter). Rank r trains on ``step[r::world_size]``.
 
-    A remainder too small to give every process one micro-batch is dropped (at most world_size - 1
-    micro-batches per epoch). Rank r trains on ``step[r::world_size]``.
+    The steps depend only on the product (the global batch), never on how it is split across
+    processes: a 2-GPU run with accumulation 2 and a 1-GPU run with accumulation 4 take the same steps
+    in the same order, which is what lets a checkpoint resume on another number of processes. Nothing
+    is dropped; a rank whose share of the last step is empty joins the gradient all-reduce with a
+    zero-weight pass (Trainer.train_step).
     """
-    usable = len(micro_batches) - len(micro_batches) % world_size
     per_step = accumulation * world_size
-    return [micro_batches[s:min(s + per_step, usable)] for s in range(0, usable, per_step)]
+    return [micro_batches[s:s + per_step] for s in range(0, len(micro_batches), per_step)]
 
 
 def collate_packed(ds: TokenizedDataset, indices: Sequence[int], *, pad_to: int | None = None,

@@ -43,7 +43,12 @@ from hai_medqa.config import config_to_dict, dump_config_yaml
 from hai_medqa.io_utils import atomic_dir, atomic_path, atomic_write_text, sha256_file, write_json
 from hai_medqa.logging_setup import setup_logging
 from hai_medqa.train import backends, fast_lora
-from hai_medqa.train.config import TrainConfig, estimate_fast_peak_gib, resolve_profile
+from hai_medqa.train.config import (
+    TrainConfig,
+    apply_fsdp_requirements,
+    estimate_fast_peak_gib,
+    resolve_profile,
+)
 from hai_medqa.train.errors import TrainingError
 from hai_medqa.train.packing import collate_packed, collate_padded, group_into_steps, plan_epoch
 from hai_medqa.train.plots import plot_loss_curve, read_metrics
@@ -125,9 +130,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, explicit: Iterable[str] = (), *,
                  callbacks: Iterable[Callable[[Trainer, dict], None]] = ()):
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         # cpu=True when there is no GPU: accelerate only forms a multi-process (gloo) group on CPU if told
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # FSDP comes from `accelerate launch --config_file configs/accelerate/fsdp_qlora.yaml`
+        self.fsdp_version = (self.accelerator.state.fsdp_plugin.fsdp_version
+                             if self.accelerator.distributed_type == DistributedType.FSDP else None)
         self.device = self.accelerator.device
         if self.device.type == "cuda" and self.device.index is None:  # one GPU: accelerate says plain "cuda"
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -136,6 +145,7 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         self.requested_cfg = cfg  # before the profile: `auto` is settled once the model's size is known
         cfg, self.profile_used = resolve_profile(cfg, set(explicit), on_gpu=self.device.type == "cuda")
+        cfg, self.fsdp_changed = apply_fsdp_requirements(cfg, set(explicit), self.fsdp_version)
         self.cfg = cfg
         self.explicit = set(explicit)
         self.callbacks = list(callbacks)
@@ -154,6 +164,8 @@ class Trainer:
         else:  # other ranks: warnings and errors only, no file
             setup_logging(None, level="WARNING")
         # Bad inputs fail here, before anything large is downloaded or loaded.
+        if self.fsdp_changed:
+            logger.info(f"FSDP (version {self.fsdp_version}): using {self.fsdp_changed} (FSDP-QLoRA needs them)")
         check_sft_file(cfg.train_file, what="train_file")
         if cfg.val_file:
             check_sft_file(cfg.val_file, what="val_file")
@@ -170,6 +182,7 @@ class Trainer:
             gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory
             self.cfg, self.profile_used = resolve_profile(self.requested_cfg, self.explicit, on_gpu=True,
                                                           model_config=model_config, gpu_memory_bytes=gpu_bytes)
+            self.cfg, _ = apply_fsdp_requirements(self.cfg, self.explicit, self.fsdp_version)
             self.cfg = dataclasses.replace(self.cfg, resume=cfg.resume)  # as _check_output_dir settled it
             cfg = self.cfg
             logger.info(f"profile auto -> {self.profile_used} (fast profile needs ~"
@@ -214,7 +227,9 @@ class Trainer:
 
         saved = read_yaml_mapping(saved_path)
         now = config_to_dict(self.cfg)
-        changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+        self._check_resume_global_batch(saved.get("gradient_accumulation_steps", self.cfg.gradient_accumulation_steps))
+        changed = [k for k in now if k not in RESUME_MAY_CHANGE | {"gradient_accumulation_steps"}
+                   and k in saved and saved[k] != now[k]]
         if changed:
             k = changed[0]
             raise TrainingError(
@@ -230,6 +245,27 @@ class Trainer:
                 raise TrainingError(f"--resume: {self.cfg.train_file} is not the file the checkpointed run trained on "
                                     f"(SHA-256 differs from run_info.json); resume with that file or use a new "
                                     "--output-dir")
+
+    def _check_resume_global_batch(self, saved_accumulation: int) -> None:
+        """A checkpoint resumes on any number of processes that keeps the micro-batches per optimizer
+        step (gradient_accumulation_steps x processes): the steps, their order and the schedule are
+        then the same (packing.group_into_steps)."""
+        ckpt = self._list_checkpoints()[-1]
+        saved_world = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")).get("world_size", 1)
+        saved_global = saved_accumulation * saved_world
+        now_global = self.cfg.gradient_accumulation_steps * self.world_size
+        if saved_global == now_global:
+            if saved_world != self.world_size:
+                logger.info(f"--resume: {ckpt.name} was written by {saved_world} process(es), continuing on "
+                            f"{self.world_size} with gradient_accumulation_steps {self.cfg.gradient_accumulation_steps} "
+                            f"(same {now_global} micro-batches per step)")
+            return
+        hint = (f"set --gradient-accumulation-steps {saved_global // self.world_size}" if saved_global % self.world_size == 0
+                else f"use a number of processes that divides {saved_global}")
+        raise TrainingError(f"--resume: {ckpt.name} took {saved_global} micro-batches per optimizer step "
+                            f"(gradient_accumulation_steps {saved_accumulation} x {saved_world} process(es)), this run "
+                            f"{now_global} ({self.cfg.gradient_accumulation_steps} x {self.world_size}); {hint} to "
+                            "keep the steps and the schedule")
 
     def _check_tokenizer(self) -> None:
         problems = chat_format.check_tokenizer_template(self.tokenizer)
@@ -281,8 +317,13 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         device_map = {"": self.device.index if self.device.type == "cuda" else "cpu"}
+        # Every rank loads the whole 4-bit model onto its GPU (transformers has no rank-0-only path for
+        # quantised weights); FSDP then keeps 1/N of it per GPU.
+        quant_storage = backends.resolve_quant_storage(cfg.quant_storage, self.compute_dtype,
+                                                       fsdp=self.fsdp_version is not None)
         model = load_causal_lm(self.model_path, quantize_4bit=cfg.quantize_4bit, dtype=self.compute_dtype,
-                               device_map=device_map, attn_implementation=self.attn_implementation)
+                               device_map=device_map, attn_implementation=self.attn_implementation,
+                               quant_storage=quant_storage)
         model_bytes = (torch.cuda.memory_allocated(self.device) if self.device.type == "cuda"
                        else model.get_memory_footprint())
         if self.device.type == "cpu":
@@ -314,6 +355,16 @@ class Trainer:
             f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
         )
         self.model_memory_bytes = int(model_bytes)
+        if cfg.resume:  # before any wrapping: FSDP would hold only a shard of each weight
+            from peft import set_peft_model_state_dict
+            from peft.utils import load_peft_weights
+
+            set_peft_model_state_dict(model, load_peft_weights(str(self._list_checkpoints()[-1]), device=str(self.device)))
+        if self.fsdp_version is not None:
+            from peft.utils.other import fsdp_auto_wrap_policy
+
+            # decoder layers as FSDP units, each LoRA matrix its own unit (trainable fp32 apart from frozen bf16)
+            self.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
         self.model = self.accelerator.prepare_model(model, device_placement=False)
 
     @property
@@ -331,10 +382,17 @@ class Trainer:
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=self.warmup_steps,
                                        num_training_steps=self.total_steps)
 
-    def _seed_for_training(self) -> None:
-        if self.cfg.resume:
+    def _dropout_seed(self, global_step: int, position: int) -> int:
+        """The RNG seed of one micro-batch: a function of (seed, optimizer step, place in the step) only,
+        so a run draws the same dropout masks on any number of processes and after any resume."""
+        return int(np.random.SeedSequence([self.cfg.seed, global_step, position]).generate_state(1, np.uint64)[0]
+                   % 2**63)
+
+    def _seed_for_training(self, force: bool = False) -> None:
+        if self.cfg.resume and not force:
             return  # RNG states came from the checkpoint
-        seed = self.cfg.seed + self.rank  # different dropout masks per rank, reproducible per run
+        # Dropout is seeded per micro-batch (_dropout_seed); this covers anything else drawing numbers.
+        seed = self.cfg.seed + self.rank
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
@@ -355,25 +413,34 @@ class Trainer:
         return int(sum(int(ans[i]) for mb in micro_batches for i in mb))
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], num_loss_tokens: int) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], num_loss_tokens: int, *,
+                   dropout_seeds: list[int] | None = None, join_only: bool = False) -> dict[str, float]:
         """One optimizer step over this process's micro-batches.
 
         `num_loss_tokens` is the number of answer tokens in the whole step over all processes: each
         micro-batch's summed cross-entropy is divided by it, so the step's loss is the mean over
         answer tokens whatever the packing, padding, accumulation or process count.
+        `dropout_seeds` (one per micro-batch) seed torch's RNG before each forward, so dropout masks
+        belong to the micro-batch, not to the process that happens to run it. `join_only`: this
+        process has no micro-batch in the step; it runs the given one with zero weight, only to take
+        part in the gradient all-reduce.
         """
         model, cfg = self.model, self.cfg
         model.train()
         n_items = torch.tensor(float(num_loss_tokens), device=self.device)
         loss_sum = torch.zeros((), device=self.device)
+        # DDP averages gradients over processes; scale so the result is the global token mean.
+        weight = 0.0 if join_only else float(self.world_size)
         for k, batch in enumerate(micro_batches):
             last = k == len(micro_batches) - 1
             sync = contextlib.nullcontext() if (last or self.world_size == 1) else self.accelerator.no_sync(model)
+            if dropout_seeds is not None:
+                torch.manual_seed(dropout_seeds[k])
             with sync:
                 out = model(**batch, use_cache=False, num_items_in_batch=n_items)
-                # DDP averages gradients over processes; scale so the result is the global token mean.
-                (out.loss * self.world_size).backward()
-            loss_sum += out.loss.detach()
+                (out.loss * weight).backward()
+            if not join_only:
+                loss_sum += out.loss.detach()
         loss = self.accelerator.reduce(loss_sum, reduction="sum") if self.world_size > 1 else loss_sum
         loss_value = float(loss)
         lr = float(self.scheduler.get_last_lr()[0])
@@ -381,7 +448,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"loss is {loss_value} at step {self.state.global_step + 1}")
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm))
+        if self.fsdp_version is not None:  # the norm over every shard
+            grad_norm = float(self.model.clip_grad_norm_(max_norm))
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm))
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {self.state.global_step + 1}")
@@ -428,9 +498,10 @@ class Trainer:
     def save_adapter(self, folder: str | Path) -> Path:
         """Write a standard PEFT adapter folder with the tokenizer and chat template beside it (rank 0)."""
         folder = Path(folder)
+        state_dict = self._gathered_state_dict()
         if self.is_main:
             with atomic_dir(folder) as tmp:
-                self.peft_model.save_pretrained(tmp, safe_serialization=True)
+                self.peft_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
                 self.tokenizer.save_pretrained(tmp)
                 write_json(tmp / "hai_medqa_training.json", {
                     "base_model": self.cfg.model, "base_model_revision": self.cfg.model_revision,
@@ -440,6 +511,25 @@ class Trainer:
                 })
         self.accelerator.wait_for_everyone()
         return folder
+
+    def _gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP the whole model's state dict on rank 0 (a collective: every rank must call it;
+        PEFT keeps the adapter's part), else None (each process holds the whole adapter)."""
+        if self.fsdp_version is None:
+            return None
+        return self.accelerator.get_state_dict(self.model)
+
+    def _gathered_optimizer_state(self) -> dict[str, Any]:
+        """The optimizer state with every shard gathered on rank 0 (a collective under FSDP)."""
+        if self.fsdp_version is None:
+            return self.optimizer.state_dict()
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
+                                  FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+            return FSDP.optim_state_dict(self.model, self.optimizer)
 
     def save_checkpoint(self) -> Path:
         """Adapter weights, optimizer, scheduler, RNG states and progress, written atomically."""
@@ -457,10 +547,11 @@ class Trainer:
         with atomic_path(rng_dir / f"rng_state_{self.rank}.pt") as tmp:
             torch.save(rng, tmp)
         self.accelerator.wait_for_everyone()
+        state_dict, optim_state = self._gathered_state_dict(), self._gathered_optimizer_state()
         if self.is_main:
             with atomic_dir(folder) as tmp:
-                self.peft_model.save_pretrained(tmp, safe_serialization=True)
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                self.peft_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+                torch.save(optim_state, tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 for f in sorted(rng_dir.iterdir()):
                     shutil.copy2(f, tmp / f.name)
@@ -474,20 +565,24 @@ class Trainer:
         return folder
 
     def _resume(self) -> None:
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        ckpt = self._list_checkpoints()[-1]
+        ckpt = self._list_checkpoints()[-1]  # its adapter weights were loaded with the model
         saved = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-        if saved.pop("world_size", self.world_size) != self.world_size:
-            raise TrainingError(f"--resume: {ckpt} was written by a run with a different number of processes; "
-                                "resume with the same number")
-        set_peft_model_state_dict(self.peft_model, load_peft_weights(str(ckpt), device=str(self.device)))
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True))
+        saved.pop("world_size", None)  # another process count is fine when the global batch is (checked above)
+        optim_state = torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True)
+        if self.fsdp_version is not None:  # the saved state is whole; give each rank its shard
+            from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(),
+                                      FullOptimStateDictConfig(rank0_only=False)):
+                optim_state = FSDP.optim_state_dict_to_load(self.model, self.optimizer, optim_state)
+        self.optimizer.load_state_dict(optim_state)
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         self.state = TrainState(**saved)
-        rng_file = ckpt / f"rng_state_{self.rank}.pt"
-        if rng_file.is_file():
+        rng_file = ckpt / f"rng_state_{self.rank}.pt"  # absent for ranks the checkpointing run did not have
+        if not rng_file.is_file():
+            self._seed_for_training(force=True)
+        else:
             rng = torch.load(rng_file, weights_only=True)
             random.setstate(rng["python"])
             np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy(), *rng["numpy"][2:]))
@@ -620,11 +715,15 @@ class Trainer:
             steps = self._epoch_steps(st.epoch)
             while st.step_in_epoch < len(steps) and st.global_step < self.total_steps:
                 step_mbs = steps[st.step_in_epoch]
-                mine = step_mbs[self.rank::self.world_size]
+                positions = list(range(self.rank, len(step_mbs), self.world_size))  # this rank's share
+                join_only = not positions  # a short last step: nothing left for this rank
+                if join_only:
+                    positions = [0]
                 n_loss = self._loss_tokens(self.train_ds, step_mbs)
                 t0 = time.perf_counter()
-                batches = [self.collate(self.train_ds, mb) for mb in mine]
-                stats = self.train_step(batches, n_loss)
+                batches = [self.collate(self.train_ds, step_mbs[k]) for k in positions]
+                seeds = [self._dropout_seed(st.global_step, k) for k in positions]
+                stats = self.train_step(batches, n_loss, dropout_seeds=seeds, join_only=join_only)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
