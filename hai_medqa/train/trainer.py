@@ -140,6 +140,8 @@ class Trainer:
         self.device = self.accelerator.device
         if self.device.type == "cuda" and self.device.index is None:  # one GPU: accelerate says plain "cuda"
             self.device = torch.device("cuda", torch.cuda.current_device())
+        elif self.device.type == "cpu":  # gloo ranks get "cpu:N", which torch.load and safetensors reject
+            self.device = torch.device("cpu")
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process

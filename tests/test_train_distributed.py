@@ -1,0 +1,235 @@
+"""Several processes: S_F2.py under `accelerate launch` with the shipped DDP config, on CPU (gloo).
+
+The proof that data parallelism is right: a 2-process run and a 1-process run with the same global
+batch (same micro-batches per optimizer step: 2 processes x accumulation 1 = 1 process x accumulation 2)
+take the same steps and end with the same adapter, LoRA dropout included; only rank 0 writes; a
+checkpoint resumes on the other process count and still reaches the same adapter. The data is cut so
+an epoch has an odd number of micro-batches: the last step of each epoch leaves rank 1 without one.
+
+Also (no second process needed): the FSDP-QLoRA config through accelerate's own launcher code, the
+settings FSDP forces, and the bf16 storage of the 4-bit weights that lets FSDP shard them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+STEPS = 8  # 2 epochs x 4 steps: 7 micro-batches per epoch, 2 per step
+TIMEOUT = 240
+
+
+def _overrides(tiny_exaone_dir, sample_jsonl, out: Path, cache: Path, **extra) -> list[str]:
+    keys = {"model": tiny_exaone_dir, "train_file": sample_jsonl["train"], "val_file": sample_jsonl["validation"],
+            "output_dir": out, "cache_dir": cache, "max_train_samples": 28, "max_eval_samples": 12,
+            "tokens_per_micro_batch": 1024, "max_steps": "null", "num_epochs": 2, "eval_steps": 100,
+            "save_steps": 3, "save_total_limit": 5, "tensorboard": "false", "lora_dropout": 0.05,
+            "optimizer": "adamw_torch", "cpu_threads": 1, **extra}
+    return [f"--{k}={v}" for k, v in keys.items()]
+
+
+def launch(n_processes: int, args: list[str], *, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """S_F2.py on n processes: through `accelerate launch` and configs/accelerate/ddp.yaml when n > 1."""
+    cmd = [sys.executable, str(REPO / "S_F2.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *args]
+    if n_processes > 1:
+        cmd = [str(ACCELERATE), "launch", "--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml"),
+               "--num_processes", str(n_processes), "--main_process_port", "0", *cmd[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Same steps, data order and schedule, the same losses and the same final adapter."""
+    (train_a, val_a), (train_b, val_b) = metrics(a), metrics(b)
+    assert [r["step"] for r in train_a] == [r["step"] for r in train_b] == list(range(1, STEPS + 1))
+    assert [r["batch_digest"] for r in train_a] == [r["batch_digest"] for r in train_b]
+    assert [r["lr"] for r in train_a] == pytest.approx([r["lr"] for r in train_b], rel=1e-9, abs=1e-12)
+    assert [r["tokens"] for r in train_a] == [r["tokens"] for r in train_b]
+    # Dropout masks differ by ~5e-4 in the loss when they follow the process instead of the micro-batch.
+    assert [r["loss"] for r in train_a] == pytest.approx([r["loss"] for r in train_b], abs=2e-5)
+    assert [r["grad_norm"] for r in train_a] == pytest.approx([r["grad_norm"] for r in train_b], rel=1e-4)
+    assert [r["val_loss"] for r in val_a] == pytest.approx([r["val_loss"] for r in val_b], abs=1e-5)
+    wa, wb = adapter(a / "adapter_last"), adapter(b / "adapter_last")
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_exaone_dir, sample_jsonl, tmp_path_factory):
+    """The same recipe on 2 processes (accumulation 1) and on 1 process (accumulation 2)."""
+    root = tmp_path_factory.mktemp("distributed")
+    cache = root / "tok_cache"
+
+    def args(out, **extra):
+        return _overrides(tiny_exaone_dir, sample_jsonl, out, cache, **extra)
+
+    two, one = root / "two", root / "one"
+    launch(2, args(two, gradient_accumulation_steps=1))
+    launch(1, args(one, gradient_accumulation_steps=2))
+    return {"two": two, "one": one, "args": args, "root": root}
+
+
+def test_two_processes_train_exactly_like_one_with_the_same_global_batch(runs):
+    two = runs["two"]
+    info = json.loads((two / "run_info.json").read_text(encoding="utf-8"))
+    assert info["device"]["world_size"] == 2  # really two processes
+    assert info["schedule"]["steps_per_epoch"] == [4, 4]  # the odd micro-batch is trained, not dropped
+    assert_same_training(two, runs["one"])
+
+
+def test_only_rank_0_writes(runs):
+    two = runs["two"]
+    train, val = metrics(two)
+    assert len(train) == STEPS and len(val) == 1  # one line per step, not one per process
+    log = (two / "train.log").read_text(encoding="utf-8")
+    assert log.count("training completed at step 8") == 1
+    assert log.count("checkpoint saved:") == 3  # steps 3, 6 and the final 8
+    ckpt_root = two / "checkpoints"
+    assert sorted(p.name for p in ckpt_root.iterdir()) == ["step_0000003", "step_0000006", "step_0000008"]
+    for ckpt in ckpt_root.iterdir():  # one adapter and optimizer, every rank's RNG state
+        assert sorted(p.name for p in ckpt.glob("*.pt")) == ["optimizer.pt", "rng_state_0.pt", "rng_state_1.pt",
+                                                              "scheduler.pt"]
+    assert sorted(p.name for p in two.iterdir() if not p.name.startswith(".")) == [
+        "adapter_best", "adapter_last", "checkpoints", "loss_curve.png", "metrics.jsonl", "resolved_config.yaml",
+        "run_info.json", "summary.json", "train.log"]
+
+
+def _copy_at_step(run: Path, dst: Path, step: int) -> Path:
+    """A run folder as it was when the job died right after the checkpoint of `step`."""
+    shutil.copytree(run, dst)
+    for ckpt in (dst / "checkpoints").iterdir():
+        if int(ckpt.name.split("_")[1]) > step:
+            shutil.rmtree(ckpt)
+    for name in ("adapter_last", "adapter_best", "summary.json"):
+        path = dst / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return dst
+
+
+def test_resume_on_another_process_count_reaches_the_same_adapter(runs):
+    root, args = runs["root"], runs["args"]
+    # a 2-process checkpoint continued on 1 process, and a 1-process checkpoint on 2
+    to_one = _copy_at_step(runs["two"], root / "two_then_one", 3)
+    proc = launch(1, args(to_one, gradient_accumulation_steps=2, resume="true"))
+    assert "was written by 2 process(es), continuing on 1" in proc.stderr
+    to_two = _copy_at_step(runs["one"], root / "one_then_two", 3)
+    launch(2, args(to_two, gradient_accumulation_steps=1, resume="true"))
+    assert_same_training(to_one, runs["two"])
+    assert_same_training(to_two, runs["one"])
+
+
+def test_resume_refuses_another_global_batch(runs):
+    """2 processes x 1 resumed on 1 process x 1 would change every step: refused, with the fix."""
+    from hai_medqa.config import load_config
+    from hai_medqa.train.config import TrainConfig
+    from hai_medqa.train.errors import TrainingError
+    from hai_medqa.train.trainer import run_training
+
+    out = _copy_at_step(runs["two"], runs["root"] / "wrong_batch", 3)
+    overrides = dict(a[2:].split("=", 1) for a in runs["args"](out, gradient_accumulation_steps=1, resume="true"))
+    cfg, explicit = load_config(TrainConfig, REPO / "configs" / "tiny_cpu.yaml", overrides)
+    with pytest.raises(TrainingError, match=r"step_0000003 took 2 micro-batches per optimizer step .*this run 1 .*"
+                                            r"set --gradient-accumulation-steps 2"):
+        run_training(cfg, explicit)
+
+
+# ------------------------------------------------------------------ FSDP-QLoRA (what a CPU can check)
+def test_fsdp_qlora_config_reaches_accelerate_as_fsdp1_with_the_documented_keys():
+    """The shipped file through accelerate's own launch-argument code, to the env its FSDP plugin reads."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(REPO / "configs" / "accelerate" / "fsdp_qlora.yaml"), "S_F2.py"])
+    args, _, _ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    assert args.use_fsdp and args.num_processes == 2
+    expected = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+                "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer",
+                "FSDP_USE_ORIG_PARAMS": "false", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
+                "FSDP_SYNC_MODULE_STATES": "true", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+                "ACCELERATE_MIXED_PRECISION": "no"}
+    assert {k: env.get(k) for k in expected} == expected
+
+    ddp = launch_command_parser().parse_args(["--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml"),
+                                              "S_F2.py"])
+    ddp, _, _ = _validate_launch_command(ddp)
+    assert ddp.multi_gpu and not ddp.use_fsdp
+
+
+def test_the_llama_decoder_layer_named_for_wrapping_is_what_the_model_loads_as(tiny_llama_dir):
+    from hai_medqa.model.load import load_causal_lm
+
+    model = load_causal_lm(tiny_llama_dir, dtype=torch.float32)
+    assert "LlamaDecoderLayer" in model._no_split_modules  # what peft's FSDP wrap policy wraps
+    assert type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"
+
+
+def test_fsdp_forces_what_fsdp_qlora_needs_and_refuses_conflicts():
+    from hai_medqa.config import ConfigError
+    from hai_medqa.train.config import TrainConfig, apply_fsdp_requirements
+
+    cfg, changed = apply_fsdp_requirements(TrainConfig(), set(), fsdp_version=1)
+    assert changed == {"lora_kernel": "peft", "optimizer": "adamw_torch"}
+    assert (cfg.lora_kernel, cfg.optimizer, cfg.dequantize_cache) == ("peft", "adamw_torch", False)
+    assert apply_fsdp_requirements(TrainConfig(), set(), fsdp_version=None) == (TrainConfig(), {})  # DDP: untouched
+    with pytest.raises(ConfigError, match="optimizer: 'paged_adamw_8bit' does not work under FSDP; use 'adamw_torch'"):
+        apply_fsdp_requirements(TrainConfig(), {"optimizer"}, fsdp_version=1)
+    with pytest.raises(ConfigError, match="needs fsdp_version 1, got 2"):
+        apply_fsdp_requirements(TrainConfig(), set(), fsdp_version=2)
+    with pytest.raises(ConfigError, match="uint8 cannot be sharded"):
+        apply_fsdp_requirements(TrainConfig(quant_storage="uint8"), {"quant_storage"}, fsdp_version=1)
+
+
+def test_quant_storage_auto_is_bf16_only_under_fsdp():
+    from hai_medqa.config import ConfigError
+    from hai_medqa.train.backends import resolve_quant_storage
+
+    assert resolve_quant_storage("auto", torch.bfloat16, fsdp=True) == torch.bfloat16
+    assert resolve_quant_storage("auto", torch.bfloat16, fsdp=False) is None  # bitsandbytes' uint8
+    assert resolve_quant_storage("uint8", torch.bfloat16, fsdp=False) is None
+    assert resolve_quant_storage("bfloat16", torch.float32, fsdp=False) == torch.bfloat16
+    with pytest.raises(ConfigError, match="must match"):
+        resolve_quant_storage("float16", torch.bfloat16, fsdp=True)
+
+
+def test_bf16_quant_storage_reaches_bitsandbytes_and_keeps_the_model(tiny_llama_dir):
+    """The storage dtype reaches BitsAndBytesConfig and the Params4bit tensors (so FSDP can shard
+    them) while the stored bits, hence the logits, stay exactly those of the uint8 storage."""
+    from hai_medqa.model.load import load_causal_lm
+
+    ids = torch.arange(1, 40)[None]
+    logits = {}
+    for storage in (None, "bfloat16"):
+        model = load_causal_lm(tiny_llama_dir, quantize_4bit=True, dtype=torch.bfloat16, device_map={"": "cpu"},
+                               quant_storage=storage)
+        weight = model.model.layers[0].self_attn.q_proj.weight
+        assert type(weight).__name__ == "Params4bit"
+        want = torch.bfloat16 if storage else torch.uint8
+        assert weight.dtype == want and model.config.quantization_config.bnb_4bit_quant_storage == want
+        with torch.no_grad():
+            logits[storage] = model(ids).logits.float()
+    torch.testing.assert_close(logits["bfloat16"], logits[None], rtol=0, atol=0)
