@@ -26,6 +26,15 @@ Usage (GPU):
     python bench/train_throughput.py --shape 7.8b --variants fast,lean --baseline --out results.json
     python bench/train_throughput.py --variants "plain;fast;fast:gradient_checkpointing=false"
 A variant is PROFILE[:key=value,...] with any TrainConfig key as an override.
+
+Several GPUs (`--num-processes N`): every variant runs under `accelerate launch` with
+configs/accelerate/ddp.yaml (or `--accelerate-config`, e.g. fsdp_qlora.yaml) on N processes, each with
+the variant's own micro-batches and accumulation (so N times the tokens per optimizer step), and - unless
+`--no-single-reference` - once more on one process. Reported: total and per-GPU real tokens/s, the
+scaling over the single process (ideal = N), and every GPU's peak memory.
+    python bench/train_throughput.py --shape 7.8b --variants fast --num-processes 2
+    python bench/train_throughput.py --shape 32b --storage-dtype float8_e4m3fn --variants lean --num-processes 2 \
+        --accelerate-config configs/accelerate/fsdp_qlora.yaml --no-single-reference
 """
 
 from __future__ import annotations
@@ -147,6 +156,14 @@ def run_variant(spec: dict) -> dict:
     trainer.setup()
     t_mark["last"] = time.perf_counter()
     trainer.train()
+    peaks = [_peaks()]
+    if trainer.world_size > 1:  # every GPU's peak, gathered to rank 0 (records are global on every rank)
+        import torch.distributed as dist
+
+        peaks = [None] * trainer.world_size
+        dist.all_gather_object(peaks, _peaks())
+    if not trainer.is_main:
+        return None
     timed = [r for r in records if r["step"] > spec["warmup"]]
     wall = sum(r["wall"] for r in timed)  # includes collation and logging: what users get
     tokens = sum(r["tokens"] for r in timed)
@@ -158,7 +175,12 @@ def run_variant(spec: dict) -> dict:
         if hasattr(trainer.cfg, k)},
         "attn_used": trainer.attn_implementation, "liger_used": trainer.liger_applied,
         "real_tokens_per_s": tokens / wall, "steps_timed": len(timed), "tokens_timed": tokens,
-        **_peaks(), "gradient_checkpointing": trainer.cfg.gradient_checkpointing,
+        "num_processes": trainer.world_size, "fsdp_version": trainer.fsdp_version,
+        "real_tokens_per_s_per_gpu": tokens / wall / trainer.world_size,
+        # the report's peak is the largest GPU's; per_gpu_peaks lists them all
+        "peak_allocated_gib": max(p["peak_allocated_gib"] for p in peaks),
+        "peak_reserved_gib": max(p["peak_reserved_gib"] for p in peaks), "per_gpu_peaks": peaks,
+        "gradient_checkpointing": trainer.cfg.gradient_checkpointing,
         "losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records]}
 
 
@@ -230,7 +252,8 @@ def judge(result: dict, n_params: int, peak_tflops: float) -> dict:
     ok = all(math.isfinite(x) for x in losses) and last < first - 0.02 * abs(first) and min(norms) > 0
     flops_per_token = (6 if result["gradient_checkpointing"] else 4) * n_params
     result.update(loss_first=first, loss_last=last, training_ok=ok,
-                  mfu=result["real_tokens_per_s"] * flops_per_token / (peak_tflops * 1e12))
+                  mfu=result.get("real_tokens_per_s_per_gpu", result["real_tokens_per_s"]) * flops_per_token
+                  / (peak_tflops * 1e12))
     return result
 
 
@@ -265,13 +288,21 @@ def main() -> int:
                          "float8_e4m3fn halves the 32B checkpoint (64 -> 32 GB) so it fits a RAM disk; the "
                          "loader casts to bf16 and quantises to NF4 exactly as for a bf16 checkpoint")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.json"))
+    ap.add_argument("--num-processes", type=int, default=1,
+                    help="run every variant on N processes (GPUs) under `accelerate launch` (default 1: plain process)")
+    ap.add_argument("--accelerate-config", default=str(REPO / "configs" / "accelerate" / "ddp.yaml"),
+                    help="accelerate config for --num-processes > 1 (configs/accelerate/fsdp_qlora.yaml for FSDP-QLoRA)")
+    ap.add_argument("--no-single-reference", action="store_true",
+                    help="with --num-processes > 1, skip the 1-process run of each variant (e.g. FSDP on a model "
+                         "that does not fit one GPU)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:  # one variant in its own process: no kernel patches or memory carried across
         spec = json.loads(args.child)
         result = run_baseline(spec) if spec["name"] == "baseline" else run_variant(spec)
-        Path(spec["result_file"]).write_text(json.dumps(result))
+        if result is not None:  # None: not rank 0 of a multi-process variant
+            Path(spec["result_file"]).write_text(json.dumps(result))
         return 0
 
     from hai_medqa.model.load import load_tokenizer
@@ -292,9 +323,17 @@ def main() -> int:
     info = write_synthetic_jsonl(data, load_tokenizer(tok_dir), args.records, seed=0)
     n_params = matmul_params(resolve_shape(args.shape))
 
-    specs = [parse_variant(v) for v in args.variants.split(";") if v.strip()]
+    if args.num_processes < 1:
+        ap.error("--num-processes must be >= 1")
+    variants = [parse_variant(v) for v in args.variants.split(";") if v.strip()]
+    specs = []
+    for v in variants:
+        if args.num_processes == 1 or not args.no_single_reference:
+            specs.append(dict(v, processes=1))
+        if args.num_processes > 1:
+            specs.append(dict(v, name=f"{v['name']} x{args.num_processes}", processes=args.num_processes))
     if args.baseline:
-        specs.insert(0, {"name": "baseline", "profile": "seed-style", "overrides": {}})
+        specs.insert(0, {"name": "baseline", "profile": "seed-style", "overrides": {}, "processes": 1})
     results = []
     for i, spec in enumerate(specs):
         spec.update(model=str(ckpt), train_file=str(data), output_dir=str(work / f"run{i}"),
@@ -302,7 +341,11 @@ def main() -> int:
                     result_file=str(work / f"result{i}.json"))
         subprocess.run(["rm", "-rf", spec["output_dir"], spec["result_file"]], check=False)
         t = time.time()
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=False)
+        cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
+        if spec["processes"] > 1:  # the launcher users run (docs/training.md "Several GPUs")
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config,
+                   "--num_processes", str(spec["processes"]), *cmd[1:]]
+        proc = subprocess.run(cmd, check=False)
         if proc.returncode != 0 or not Path(spec["result_file"]).exists():
             results.append({"name": spec["name"], "error": f"exit code {proc.returncode}"})
             continue
@@ -313,6 +356,11 @@ def main() -> int:
         print("RESULT", json.dumps({k: v for k, v in res.items() if k not in ("losses", "grad_norms")}), flush=True)
 
     base = next((r for r in results if r["name"] == "baseline" and "error" not in r), None)
+    singles = {r["name"]: r for r in results if "error" not in r and r.get("num_processes") == 1}
+    for r in results:  # scaling of an N-process variant over the same variant on one process
+        single = singles.get(r["name"].rsplit(" x", 1)[0]) if r.get("num_processes", 1) > 1 else None
+        if single and "error" not in r:
+            r["scaling_vs_1_process"] = r["real_tokens_per_s"] / single["real_tokens_per_s"]
     import bitsandbytes
     import peft
     import transformers  # noqa: E401 - versions for the record
@@ -320,7 +368,7 @@ def main() -> int:
     report = {"shape": args.shape, "device": torch.cuda.get_device_name(0) if CUDA else "cpu", "torch": torch.__version__,
               "transformers": transformers.__version__, "peft": peft.__version__,
               "bitsandbytes": bitsandbytes.__version__, "date": time.strftime("%Y-%m-%d"),
-              "matmul_params": n_params, "storage_dtype": args.storage_dtype or "bfloat16", "data": info, "build_s": round(build_s, 1), "results": results}
+              "num_processes": args.num_processes, "matmul_params": n_params, "storage_dtype": args.storage_dtype or "bfloat16", "data": info, "build_s": round(build_s, 1), "results": results}
     print(f"\n{args.shape} on {report['device']} (torch {torch.__version__}, transformers {transformers.__version__})")
     print(f"{'variant':<58} {'real tok/s':>10} {'x base':>7} {'MFU':>6} {'alloc':>7} {'reserv':>7}  check")
     for r in results:
@@ -332,6 +380,11 @@ def main() -> int:
         speed = f"{r['real_tokens_per_s']:>10,.0f}" if r["training_ok"] else f"{'FAILED':>10}"
         print(f"{r['name']:<58} {speed} {ratio:>7.2f} {r['mfu']:>6.1%} {r['peak_allocated_gib']:>6.1f}G "
               f"{r['peak_reserved_gib']:>6.1f}G  loss {r['loss_first']:.3f}->{r['loss_last']:.3f}")
+        if r.get("num_processes", 1) > 1:
+            scaling = r.get("scaling_vs_1_process")
+            print(f"{'':<4}{r['num_processes']} processes: {r['real_tokens_per_s_per_gpu']:,.0f} tok/s per GPU"
+                  + (f", {scaling:.2f}x the 1-process run" if scaling else "") + "; peak per GPU (alloc/reserved) "
+                  + ", ".join(f"{p['peak_allocated_gib']:.1f}/{p['peak_reserved_gib']:.1f}G" for p in r["per_gpu_peaks"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=Path(args.out).parent, delete=False, suffix=".tmp") as f:
         json.dump(report, f, indent=1)
