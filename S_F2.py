@@ -3,7 +3,8 @@
 
     python S_F2.py --config configs/exaone35_7.8b_qlora.yaml [--train-file F] [--val-file F]
                    [--output-dir D] [--model M] [--resume] [--<any config key> VALUE ...]
-    accelerate launch --num_processes 4 S_F2.py --config ...      # several GPUs (DDP)
+    accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 4 S_F2.py --config ...  # DDP
+    accelerate launch --config_file configs/accelerate/fsdp_qlora.yaml --num_processes 2 S_F2.py ...   # FSDP-QLoRA
 
 Every key of hai_medqa/train/config.py:TrainConfig can be set in the YAML file or overridden here
 (``--lora-r 8`` or ``--lora_r=8``). Exit codes: 0 finished, 1 error (one line on stderr),
