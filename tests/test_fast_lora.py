@@ -6,7 +6,6 @@ plain path's numbers on the real 4-bit tiny model (bitsandbytes NF4 runs on CPU)
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
