@@ -49,14 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-    from hai_medqa.model.acquire import ModelAcquisitionError
-    from hai_medqa.model.exaone_layout import ModelLayoutError
-    from hai_medqa.train.errors import TrainingError
+    from hai_medqa.errors import HaiMedQAError
     from hai_medqa.train.trainer import EXIT_INTERRUPTED, run_training
 
     try:
         summary = run_training(cfg, explicit)
-    except (ConfigError, TrainingError, ModelAcquisitionError, ModelLayoutError) as e:
+    except HaiMedQAError as e:  # every user-facing error of every stage: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from hai_medqa.errors import HaiMedQAError
+
 EOT = "[|endofturn|]"
 """End-of-turn marker; also the tokenizer's EOS token."""
 
@@ -44,7 +46,7 @@ EXAONE_CHAT_TEMPLATE = (
 )
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(HaiMedQAError, ValueError):
     """A conversation or record that cannot be rendered in the EXAONE chat format."""
 
 

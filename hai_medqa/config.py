@@ -23,12 +23,13 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from hai_medqa.errors import HaiMedQAError
 from hai_medqa.io_utils import atomic_write_text
 
 C = TypeVar("C")
 
 
-class ConfigError(ValueError):
+class ConfigError(HaiMedQAError, ValueError):
     """A config file or override that cannot be used; the message is one line naming key and source."""
 
 

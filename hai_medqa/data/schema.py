@@ -16,6 +16,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
+from hai_medqa.errors import HaiMedQAError
+
 QUESTION_DIR = "1.질문"
 ANSWER_DIR = "2.답변"
 ANSWER_PARTS = ("intro", "body", "conclusion")
@@ -49,7 +51,7 @@ SKIP_REASONS = {
 }
 
 
-class DataError(ValueError):
+class DataError(HaiMedQAError, ValueError):
     """A user-facing problem with the data stage's inputs or options; CLIs print it as one line."""
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from hai_medqa.errors import HaiMedQAError
 from hai_medqa.io_utils import iter_jsonl
 
 SUBSETS = ("doctor", "nurse", "pharm", "dentist")
@@ -34,7 +35,7 @@ ANSWER_CUE = "정답："  # full-width colon, exactly as in the harness template
 _EXTENSIONS = (".parquet", ".jsonl", ".json", ".csv")
 
 
-class KorMedMCQAError(ValueError):
+class KorMedMCQAError(HaiMedQAError, ValueError):
     """A KorMedMCQA file is missing, unreadable, or not in the dataset's column layout."""
 
 

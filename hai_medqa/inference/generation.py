@@ -25,9 +25,10 @@ from loguru import logger
 from tqdm import tqdm
 
 from hai_medqa.chat_format import EOT, check_tokenizer_template
+from hai_medqa.errors import HaiMedQAError
 
 
-class InferenceError(ValueError):
+class InferenceError(HaiMedQAError, ValueError):
     """A user-fixable problem loading a model or generating (bad flags, missing folders, inputs)."""
 
 

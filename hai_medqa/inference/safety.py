@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hai_medqa.errors import HaiMedQAError
+
 DEFAULT_RULES_PATH = Path(__file__).with_name("safety_keywords.json")
 _TERM_REF = re.compile(r"@\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _WHITESPACE = re.compile(r"\s+")
 
 
-class SafetyConfigError(ValueError):
+class SafetyConfigError(HaiMedQAError, ValueError):
     """The safety rules file is missing or malformed (names the file and the broken entry)."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from hai_medqa.errors import HaiMedQAError
 from hai_medqa.merge.safetensors_stream import SafetensorsFormatError, TensorInfo, read_header, read_tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -43,7 +44,7 @@ _UNSUPPORTED_OPTIONS = {
 }
 
 
-class AdapterError(ValueError):
+class AdapterError(HaiMedQAError, ValueError):
     """The adapter folder cannot be merged (missing, malformed or using an unsupported feature)."""
 
 

@@ -22,6 +22,8 @@ from typing import BinaryIO
 
 import torch
 
+from hai_medqa.errors import HaiMedQAError
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -40,7 +42,7 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 _COPY_CHUNK = 16 << 20  # bytes per read when copying a tensor unchanged
 
 
-class SafetensorsFormatError(ValueError):
+class SafetensorsFormatError(HaiMedQAError, ValueError):
     """A file is not a readable safetensors file."""
 
 

@@ -24,6 +24,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from hai_medqa import __version__
+from hai_medqa.errors import HaiMedQAError
 from hai_medqa.io_utils import atomic_dir, sha256_file, write_json
 from hai_medqa.merge.lora import AdapterError, LoraAdapter, load_adapter, resolve_adapter_dir
 from hai_medqa.merge.nf4 import NF4Settings, is_quantized_in_training, nf4_roundtrip
@@ -54,7 +55,7 @@ RUN_FILES = ("resolved_config.yaml", "run_info.json", "summary.json", "metrics.j
 ADAPTER_RECORD = "hai_medqa_training.json"  # the trainer's note beside each adapter (base, system prompt)
 
 
-class MergeError(ValueError):
+class MergeError(HaiMedQAError, ValueError):
     """The merge cannot be done as asked (bad base, mismatched adapter, unusable output path)."""
 
 
@@ -285,15 +286,7 @@ def _output_config(base: BaseCheckpoint, layout: str) -> dict:
         config = llama_config_to_exaone(base.llama_config, reference=reference)
     except ModelLayoutError as e:
         raise MergeError(str(e)) from None
-    # auto_map entries without "repo--" point at modeling files next to config.json; we never ship
-    # remote code, so point them at the Hub repo that holds EXAONE's code (as LG's own repos do).
-    from hai_medqa.model.exaone_layout import DEFAULT_EXAONE_CODE_REPO
-
-    auto_map = config.get("auto_map") or {}
-    for key, ref in list(auto_map.items()):
-        if isinstance(ref, str) and "--" not in ref:
-            auto_map[key] = f"{DEFAULT_EXAONE_CODE_REPO}--{ref}"
-    return config
+    return config  # auto_map already points at EXAONE's code repo (llama_config_to_exaone's code_repo)
 
 
 def _shard_plan(items: list[tuple[str, TensorInfo]], max_shard_bytes: int) -> list[list[tuple[str, TensorInfo]]]:

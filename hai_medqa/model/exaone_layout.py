@@ -26,6 +26,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from hai_medqa.errors import HaiMedQAError
+
 EXAONE_MODEL_TYPE = "exaone"
 LLAMA_MODEL_TYPE = "llama"
 EXAONE_ARCHITECTURE = "ExaoneForCausalLM"
@@ -36,7 +38,7 @@ LLAMA_ARCHITECTURE = "LlamaForCausalLM"
 DEFAULT_EXAONE_CODE_REPO = "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct"
 
 
-class ModelLayoutError(ValueError):
+class ModelLayoutError(HaiMedQAError, ValueError):
     """A checkpoint or config that is not the EXAONE or Llama layout this project expects."""
 
 

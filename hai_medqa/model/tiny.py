@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from hai_medqa.chat_format import EOT, EXAONE_CHAT_TEMPLATE
+from hai_medqa.data.sample_builder import SAMPLE_DIR  # noqa: E402 - the bundled sample lives in one place
 from hai_medqa.io_utils import atomic_dir, write_json
 from hai_medqa.model.exaone_layout import (
     ModelLayoutError,
@@ -40,8 +41,6 @@ from hai_medqa.model.exaone_layout import (
     expected_llama_shapes,
     llama_to_exaone_name,
 )
-
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "resources" / "aihub_sample"
 
 # EXAONE-3.5's special tokens, in id order ([PAD] 0, [BOS] 1 as in the real vocabulary).
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "[|system|]", "[|user|]", "[|assistant|]", EOT]
@@ -139,7 +138,7 @@ def sample_corpus(sample_dir: Path = SAMPLE_DIR) -> list[str]:
             try:
                 texts.extend(_record_texts(json.loads(path.read_text(encoding="utf-8-sig"))))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                continue  # the sample deliberately contains broken files; skip them
+                continue  # tolerate a user-supplied folder with unreadable files
     return texts or list(_FALLBACK_CORPUS)
 
 

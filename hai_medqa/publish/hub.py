@@ -16,6 +16,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from hai_medqa.errors import HaiMedQAError
 from hai_medqa.publish.license import name_rule_problem
 
 _REPO_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -23,7 +24,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".png", ".jpg")
 OWNER_PLACEHOLDER = "<your-hf-username>"
 
 
-class PublishError(RuntimeError):
+class PublishError(HaiMedQAError, RuntimeError):
     """The upload cannot be done as asked (bad repo id, license name rule, no token, network failure)."""
 
 

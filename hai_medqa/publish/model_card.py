@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from hai_medqa.chat_format import DEFAULT_SYSTEM_PROMPT
+from hai_medqa.errors import HaiMedQAError
 from hai_medqa.io_utils import atomic_write_text
 from hai_medqa.publish.license import EXAONE_CITATION, EXAONE_LICENSE_NAME, EXAONE_LICENSE_URL
 
@@ -36,7 +37,7 @@ _SETTING_KEYS = (
 )
 
 
-class ModelCardError(ValueError):
+class ModelCardError(HaiMedQAError, ValueError):
     """A file the card is built from is unreadable."""
 
 

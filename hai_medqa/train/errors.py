@@ -5,8 +5,10 @@ The CLI prints ``error: <message>`` and exits non-zero; no traceback for problem
 
 from __future__ import annotations
 
+from hai_medqa.errors import HaiMedQAError
 
-class TrainingError(RuntimeError):
+
+class TrainingError(HaiMedQAError, RuntimeError):
     """A training run cannot start or continue (bad data, non-finite loss, out of memory, ...)."""
 
 
