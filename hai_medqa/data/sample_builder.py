@@ -106,34 +106,16 @@ def plan_sample(seed: int = SAMPLE_SEED) -> tuple[list[Leaf], list[Leaf]]:
     for disease, intention in pairs:
         texts = question_texts(rng, disease, intention)
         taken: set = set()
-        if (disease.kor, intention) in validation_keys:
-            n_train, n_val = rng.randint(3, 5), rng.randint(3, 4)
-            train.append(
-                Leaf(
-                    disease,
-                    intention,
-                    texts[:n_train],
-                    make_answers(rng, disease, intention, rng.randint(2, 5), taken),
-                )
-            )
-            validation.append(
-                Leaf(
-                    disease,
-                    intention,
-                    texts[n_train : n_train + n_val],
-                    make_answers(rng, disease, intention, rng.randint(2, 3), taken),
-                )
-            )
-        else:
-            n_train = rng.randint(3, 6)
-            train.append(
-                Leaf(
-                    disease,
-                    intention,
-                    texts[:n_train],
-                    make_answers(rng, disease, intention, rng.randint(2, 5), taken),
-                )
-            )
+        held_out = (disease.kor, intention) in validation_keys
+        # The random draws keep their order (n_train, n_val, train answers, validation answers): the
+        # shipped sample must stay byte-identical to what this builds.
+        n_train = rng.randint(3, 5) if held_out else rng.randint(3, 6)
+        n_val = rng.randint(3, 4) if held_out else 0
+        train_answers = make_answers(rng, disease, intention, rng.randint(2, 5), taken)
+        train.append(Leaf(disease, intention, texts[:n_train], train_answers))
+        if held_out:
+            val_answers = make_answers(rng, disease, intention, rng.randint(2, 3), taken)
+            validation.append(Leaf(disease, intention, texts[n_train : n_train + n_val], val_answers))
     for leaf in train + validation:  # some askers open with a greeting, as real questions do
         leaf.questions = [rng.choice(QUESTION_OPENERS) + q for q in leaf.questions]
     return train, validation
