@@ -14,13 +14,11 @@ import argparse
 import re
 import sys
 
+from hai_medqa.errors import HaiMedQAError
 from hai_medqa.logging_setup import setup_logging
-from hai_medqa.merge import AdapterError, MergeError
-from hai_medqa.model.exaone_layout import ModelLayoutError
-from hai_medqa.publish import ModelCardError, PublishError
 from hai_medqa.publish.release import make_release
 
-USER_ERRORS = (MergeError, AdapterError, PublishError, ModelCardError, ModelLayoutError, OSError)  # ModelAcquisitionError is a ModelLayoutError
+USER_ERRORS = (HaiMedQAError, OSError)  # every stage's error (merge, adapter, card, publish, model) and file errors
 
 
 def parse_size(text: str) -> int:

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 from loguru import logger
 
-from hai_medqa.inference.generation import GenerationSettings, InferenceError
+from hai_medqa.errors import HaiMedQAError
+from hai_medqa.inference.generation import GenerationSettings
 
 
 def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = False) -> None:
@@ -45,24 +46,15 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Error types that mean "the user must fix an input", printed as one line without traceback."""
-    from hai_medqa.chat_format import ChatFormatError
-    from hai_medqa.evaluation.kormedmcqa import KorMedMCQAError
-    from hai_medqa.inference.safety import SafetyConfigError
-    from hai_medqa.merge.lora import AdapterError
-    from hai_medqa.model.exaone_layout import ModelLayoutError
-    from hai_medqa.train.errors import TrainingError
-
-    return (InferenceError, ChatFormatError, KorMedMCQAError, SafetyConfigError, AdapterError, ModelLayoutError,
-            TrainingError, FileNotFoundError, NotADirectoryError, PermissionError)
+# The project's own errors (one base, see hai_medqa/errors.py) plus the file errors a path argument can raise.
+USER_ERRORS: tuple[type[BaseException], ...] = (HaiMedQAError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a CLI main; user errors become ``error: <message>`` on stderr and exit status 1."""
     try:
         return main(argv)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         logger.debug(f"{type(e).__name__}: {e}")
         print(f"error: {msg}", file=sys.stderr)
