@@ -68,7 +68,7 @@ def main() -> int:
         if not (src / "config.json").exists():
             # Built in its own process: Linux folds a parent's RSS at fork into the child's ru_maxrss,
             # so this (light) parent must never hold the checkpoint itself.
-            subprocess.run([sys.executable, "-c", "from hai_medqa.model.tiny import build_exaone_checkpoint as b; "
+            subprocess.run([sys.executable, "-c", "from hai_medqa.fixtures.tiny_model import build_exaone_checkpoint as b; "
                             f"b({str(src)!r}, {shape!r}, max_shard_bytes={args.shard_mb * 2**20})"],
                            check=True, cwd=REPO)
         shards = sorted(src.glob("*.safetensors"))

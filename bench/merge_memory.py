@@ -75,9 +75,10 @@ def build_inputs(work: Path, shape: dict) -> tuple[Path, Path, Path, int]:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from hai_medqa.fixtures.tiny_model import build_exaone_checkpoint, build_tokenizer
     from hai_medqa.model.convert import ensure_llama_checkpoint
+    from hai_medqa.model.exaone_layout import LLAMA_PROJECTIONS
     from hai_medqa.model.load import load_causal_lm, load_tokenizer
-    from hai_medqa.model.tiny import build_exaone_checkpoint, build_tokenizer
 
     tok = build_tokenizer(work / "tokenizer")
     exaone = build_exaone_checkpoint(work / "exaone", shape, tokenizer_dir=tok, max_shard_bytes=1 << 30)
@@ -87,7 +88,7 @@ def build_inputs(work: Path, shape: dict) -> tuple[Path, Path, Path, int]:
     torch.manual_seed(0)
     peft_model = get_peft_model(model, LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, init_lora_weights=False,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        target_modules=list(LLAMA_PROJECTIONS)))
     with torch.no_grad():  # init_lora_weights=False gives large deltas; keep them realistic
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:

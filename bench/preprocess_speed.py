@@ -181,7 +181,7 @@ def main() -> None:
         child(args)
         return
 
-    from hai_medqa.data.synthetic import write_synthetic_tree
+    from hai_medqa.fixtures.synthetic_trees import write_synthetic_tree
 
     per_leaf = args.questions_per_leaf + args.answers_per_leaf
     n_leaves = max(5, args.files // per_leaf)

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from hai_medqa.model.exaone_layout import LLAMA_PROJECTIONS
+
 OUT = os.environ.get("OUT", "/tmp")
 TOK = int(os.environ.get("TOK", "8192"))
 STEPS = int(os.environ.get("STEPS", "8"))
@@ -85,8 +87,7 @@ def run(variant: str):
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                              "gate_proj", "up_proj", "down_proj"]))
+                                              target_modules=list(LLAMA_PROJECTIONS)))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(0)

@@ -2,7 +2,7 @@
 
 What it does (issue 8):
   1. builds a random bf16 checkpoint in EXAONE-3.5's own layout (7.8B shape by default; 2.4b and 32b
-     selectable) with hai_medqa.model.tiny.build_exaone_checkpoint, plus a small byte-level BPE
+     selectable) with hai_medqa.fixtures.tiny_model.build_exaone_checkpoint, plus a small byte-level BPE
      tokenizer carrying EXAONE's special tokens and chat template;
   2. writes a synthetic jsonl whose tokenised sample lengths are lognormal around 330 tokens (clipped
      64-2048, fixed seed). The answers follow a learnable pattern (a fixed cycle of sentences) so a real
@@ -305,8 +305,8 @@ def main() -> int:
             Path(spec["result_file"]).write_text(json.dumps(result))
         return 0
 
+    from hai_medqa.fixtures.tiny_model import build_exaone_checkpoint, build_tokenizer, resolve_shape
     from hai_medqa.model.load import load_tokenizer
-    from hai_medqa.model.tiny import build_exaone_checkpoint, build_tokenizer, resolve_shape
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

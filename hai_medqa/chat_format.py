@@ -17,7 +17,10 @@ would be masked as padding and the model would never learn to stop.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from loguru import logger
 
 from hai_medqa.errors import HaiMedQAError
 
@@ -85,14 +88,31 @@ def render(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = 
     return "".join(parts)
 
 
-def record_to_messages(record: Mapping[str, Any], system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
+def resolve_system_prompt(explicit: str | None, trained: str | None = None) -> str:
+    """The one system-prompt rule, used by training, chat and evaluation.
+
+    ``None`` means "not given": the prompt the model was trained with (`trained`, from its training
+    record), else `DEFAULT_SYSTEM_PROMPT`. ``""`` means "no system prompt" (the empty system turn).
+
+    >>> resolve_system_prompt(None) == DEFAULT_SYSTEM_PROMPT
+    True
+    >>> resolve_system_prompt(None, trained="너는 의사다"), resolve_system_prompt("", trained="너는 의사다")
+    ('너는 의사다', '')
+    """
+    if explicit is not None:
+        return explicit
+    return DEFAULT_SYSTEM_PROMPT if trained is None else trained
+
+
+def record_to_messages(record: Mapping[str, Any], system_prompt: str | None = None) -> list[dict]:
     """Turn one preprocessed jsonl record into chat messages.
 
     A record is either single-turn ``{"instruction": question, "output": answer, ...}`` (the output of
     `hai_medqa.data.preprocess`) or multi-turn ``{"messages": [{"role", "content"}, ...]}``. The system
-    prompt is prepended unless the record brings its own system message; pass ``system_prompt=None``
-    (or "") for no system prompt, which renders as the empty system turn.
+    prompt (resolved by `resolve_system_prompt`: None = the default, "" = none, which renders as the
+    empty system turn) is prepended unless the record brings its own system message.
     """
+    system_prompt = resolve_system_prompt(system_prompt)
     if not isinstance(record, Mapping):
         raise ChatFormatError(f"record must be a JSON object, got {type(record).__name__}")
     if "messages" in record:
@@ -186,3 +206,40 @@ def check_tokenizer_template(tokenizer: Any) -> list[str]:
     elif EOT in tokenizer.get_vocab() and tokenizer.convert_tokens_to_ids(EOT) == tokenizer.pad_token_id:
         problems.append("pad_token_id equals the id of [|endofturn|]")
     return problems
+
+
+@dataclass(frozen=True)
+class ChatTokenIds:
+    """The special-token ids every stage needs: end of turn (= EOS), padding, and BOS if any."""
+
+    eot_id: int
+    pad_id: int
+    bos_id: int | None
+
+
+def apply_tokenizer_rule(tokenizer: Any, *, source: str, repair_template: bool = True) -> ChatTokenIds:
+    """The tokenizer rule that training, merge, chat and evaluation all apply, with one policy.
+
+    - ``[|endofturn|]`` must be one known token, and padding must use another: otherwise a
+      ChatFormatError naming `source` (with pad == end of turn the model never learns to stop, and
+      generation cannot tell padding from an answer's end);
+    - the chat template must render exactly as `render`; when it does not, it is replaced by
+      `EXAONE_CHAT_TEMPLATE` (`repair_template`, so the folders a stage writes carry the exact
+      template) with a warning, or only warned about;
+    - an EOS other than ``[|endofturn|]`` is warned about (generation stops at the id returned here).
+    """
+    eot_id = tokenizer.convert_tokens_to_ids(EOT)
+    if eot_id is None or eot_id == getattr(tokenizer, "unk_token_id", None):
+        raise ChatFormatError(f"tokenizer from {source} has no {EOT} token: not an EXAONE-3.5 tokenizer")
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None or pad_id == eot_id:
+        raise ChatFormatError(
+            f"tokenizer from {source}: the pad token must exist and differ from {EOT} (pad id {pad_id}), "
+            "or the model never learns to stop and generation cannot tell padding from an answer's end")
+    for problem in check_tokenizer_template(tokenizer):
+        if "chat_template" in problem and repair_template:
+            logger.warning(f"tokenizer from {source}: {problem}; using the project's EXAONE chat template")
+            tokenizer.chat_template = EXAONE_CHAT_TEMPLATE
+        elif "pad_token" not in problem:
+            logger.warning(f"tokenizer from {source}: {problem}")
+    return ChatTokenIds(eot_id=int(eot_id), pad_id=int(pad_id), bos_id=getattr(tokenizer, "bos_token_id", None))

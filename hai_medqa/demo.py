@@ -2,7 +2,7 @@
 
 Runs the same top-level scripts a user runs, in order, printing each command first:
   1. preprocess_medical.py   bundled AI Hub sample (TL.zip / VL.zip) -> train/val jsonl
-  2. hai_medqa.model.tiny    tiny random-weight checkpoint in EXAONE-3.5's own layout (stands in for
+  2. hai_medqa.fixtures.tiny_model    tiny random-weight checkpoint in EXAONE-3.5's own layout (stands in for
                              LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct, which cannot be downloaded here)
   3. S_F2.py                 QLoRA fine-tuning (4-bit NF4 on CPU) with configs/tiny_cpu.yaml
   4. merge_and_upload.py     streaming merge into bf16-style full weights + model card, --dry-run upload
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     _run("1/5 preprocess (validation)", ["preprocess_medical.py", "--input", str(SAMPLE / "VL.zip"),
                                          "--output", str(data / "val.jsonl"), "--no-progress"])
     if not (model / "config.json").exists():
-        _run("2/5 tiny EXAONE-layout stand-in", ["-m", "hai_medqa.model.tiny", str(model)])
+        _run("2/5 tiny EXAONE-layout stand-in", ["-m", "hai_medqa.fixtures.tiny_model", str(model)])
     if run.exists():  # a finished demo run: train afresh so the demo always shows the whole path
         import shutil
 

@@ -38,7 +38,7 @@ def _hai_medqa_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_exaone_dir(tmp_path_factory) -> Path:
     """Tiny random EXAONE-layout checkpoint (untied, >= 2 shards) with tokenizer + chat template."""
-    from hai_medqa.model.tiny import build_tiny_exaone
+    from hai_medqa.fixtures.tiny_model import build_tiny_exaone
 
     return build_tiny_exaone(tmp_path_factory.mktemp("tiny_exaone") / "model", tied=False, seed=0)
 
@@ -46,7 +46,7 @@ def tiny_exaone_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_exaone_tied_dir(tmp_path_factory) -> Path:
     """Tied-embedding variant (no lm_head.weight), like EXAONE-3.5-2.4B."""
-    from hai_medqa.model.tiny import build_tiny_exaone
+    from hai_medqa.fixtures.tiny_model import build_tiny_exaone
 
     return build_tiny_exaone(tmp_path_factory.mktemp("tiny_exaone_tied") / "model", tied=True, seed=0)
 
@@ -113,7 +113,7 @@ def tiny_lora_run_tied(tiny_exaone_tied_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def aihub_sample_dir() -> Path:
     """The bundled synthetic AI Hub sample (tree + TL.zip/VL.zip), read-only."""
-    from hai_medqa.data.sample_builder import SAMPLE_DIR
+    from hai_medqa.fixtures.aihub_sample import SAMPLE_DIR
 
     return SAMPLE_DIR
 

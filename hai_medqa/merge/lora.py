@@ -18,6 +18,7 @@ import torch
 
 from hai_medqa.errors import HaiMedQAError
 from hai_medqa.merge.safetensors_stream import SafetensorsFormatError, TensorInfo, read_header, read_tensor
+from hai_medqa.model.exaone_layout import LLAMA_PROJECTIONS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -105,7 +106,7 @@ def _lora_config(raw: dict, path: Path):
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{path / ADAPTER_CONFIG}: PEFT rejects this LoRA config ({e})") from None
     if cfg.target_modules == "all-linear":  # PEFT expands this when saving; kept for hand-made configs
-        cfg.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        cfg.target_modules = set(LLAMA_PROJECTIONS)
     return cfg
 
 

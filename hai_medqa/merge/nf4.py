@@ -12,17 +12,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from hai_medqa.model.exaone_layout import LLAMA_PROJECTION_WEIGHTS
+
 # Module names transformers quantises when loading Llama in 4-bit: every nn.Linear except the output
 # embedding (transformers.quantizers.base.get_keys_to_not_convert keeps lm_head in full precision).
-QUANTIZED_LINEAR_SUFFIXES = (
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
+QUANTIZED_LINEAR_SUFFIXES = LLAMA_PROJECTION_WEIGHTS
 
 
 @dataclass(frozen=True)

@@ -1,2 +1,2 @@
-"""EXAONE-3.5 as a native transformers Llama: layout mapping, exact conversion, acquisition, loading
-and tiny random stand-ins. Import the submodules directly (kept light: nothing heavy at import)."""
+"""EXAONE-3.5 as a native transformers Llama: layout mapping, exact conversion, acquisition, loading.
+Import the submodules directly (kept light: nothing heavy at import)."""

@@ -46,26 +46,51 @@ class ModelLayoutError(HaiMedQAError, ValueError):
 # Weight names
 # ---------------------------------------------------------------------------------------------
 
-_GLOBAL_EXAONE_TO_LLAMA = {
+# One table, EXAONE name -> Llama name, with `{}` for the layer index; both directions and every list
+# of names below derive from it.
+EXAONE_TO_LLAMA: dict[str, str] = {
     "transformer.wte.weight": "model.embed_tokens.weight",
+    "transformer.h.{}.ln_1.weight": "model.layers.{}.input_layernorm.weight",
+    "transformer.h.{}.attn.attention.q_proj.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "transformer.h.{}.attn.attention.k_proj.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "transformer.h.{}.attn.attention.v_proj.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "transformer.h.{}.attn.attention.out_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "transformer.h.{}.ln_2.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "transformer.h.{}.mlp.c_fc_0.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "transformer.h.{}.mlp.c_fc_1.weight": "model.layers.{}.mlp.up_proj.weight",
+    "transformer.h.{}.mlp.c_proj.weight": "model.layers.{}.mlp.down_proj.weight",
     "transformer.ln_f.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
-_LAYER_EXAONE_TO_LLAMA = {
-    "ln_1.weight": "input_layernorm.weight",
-    "attn.attention.q_proj.weight": "self_attn.q_proj.weight",
-    "attn.attention.k_proj.weight": "self_attn.k_proj.weight",
-    "attn.attention.v_proj.weight": "self_attn.v_proj.weight",
-    "attn.attention.out_proj.weight": "self_attn.o_proj.weight",
-    "ln_2.weight": "post_attention_layernorm.weight",
-    "mlp.c_fc_0.weight": "mlp.gate_proj.weight",
-    "mlp.c_fc_1.weight": "mlp.up_proj.weight",
-    "mlp.c_proj.weight": "mlp.down_proj.weight",
-}
-_GLOBAL_LLAMA_TO_EXAONE = {v: k for k, v in _GLOBAL_EXAONE_TO_LLAMA.items()}
-_LAYER_LLAMA_TO_EXAONE = {v: k for k, v in _LAYER_EXAONE_TO_LLAMA.items()}
-_EXAONE_LAYER_RE = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
-_LLAMA_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+LLAMA_TO_EXAONE: dict[str, str] = {v: k for k, v in EXAONE_TO_LLAMA.items()}
+
+_LINEAR_SUFFIXES = ("_proj.weight", ".c_fc_0.weight", ".c_fc_1.weight", ".c_proj.weight")
+LLAMA_PROJECTION_WEIGHTS: tuple[str, ...] = tuple(
+    llama.removeprefix("model.layers.{}.") for exaone, llama in EXAONE_TO_LLAMA.items()
+    if "{}" in llama and exaone.endswith(_LINEAR_SUFFIXES))
+"""The seven per-layer linear weights, e.g. ``self_attn.q_proj.weight``, ``mlp.down_proj.weight``."""
+LLAMA_PROJECTIONS: tuple[str, ...] = tuple(w.removesuffix(".weight").rsplit(".", 1)[-1]
+                                           for w in LLAMA_PROJECTION_WEIGHTS)
+"""The seven projection module names LoRA targets: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj."""
+EXAONE_PROJECTIONS: tuple[str, ...] = tuple(
+    LLAMA_TO_EXAONE["model.layers.{}." + w].removesuffix(".weight").rsplit(".", 1)[-1]
+    for w in LLAMA_PROJECTION_WEIGHTS)
+"""The same seven in EXAONE's own module names: q_proj, k_proj, v_proj, out_proj, c_fc_0, c_fc_1, c_proj."""
+
+_LAYER_INDEX_RE = re.compile(r"\.(\d+)\.")
+
+
+def _map_name(name: str, table: Mapping[str, str]) -> str | None:
+    """Map one tensor name through a slot table: ``"transformer.h.3.ln_1.weight"`` ->
+    ``"model.layers.3.input_layernorm.weight"`` (first number in the name fills the slot)."""
+    if name in table:
+        return table[name]
+    m = _LAYER_INDEX_RE.search(name)
+    if m is None:
+        return None
+    target = table.get(name[:m.start()] + ".{}." + name[m.end():])
+    return None if target is None else target.format(m.group(1))
+
 
 # Non-persistent buffers some exporters still write; they are recomputed from the config.
 _DERIVED_BUFFER_RE = re.compile(r"(^|\.)(rotary|rotary_emb)\.inv_freq$")
@@ -78,23 +103,19 @@ def is_derived_buffer(name: str) -> bool:
 
 def exaone_to_llama_name(name: str) -> str:
     """Llama name of an EXAONE tensor name; ModelLayoutError for a name EXAONE-3.5 does not have."""
-    if name in _GLOBAL_EXAONE_TO_LLAMA:
-        return _GLOBAL_EXAONE_TO_LLAMA[name]
-    m = _EXAONE_LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_EXAONE_TO_LLAMA:
-        return f"model.layers.{m.group(1)}.{_LAYER_EXAONE_TO_LLAMA[m.group(2)]}"
-    raise ModelLayoutError(f"unexpected tensor {name!r}: not part of the EXAONE-3.5 layout")
+    mapped = _map_name(name, EXAONE_TO_LLAMA)
+    if mapped is None:
+        raise ModelLayoutError(f"unexpected tensor {name!r}: not part of the EXAONE-3.5 layout")
+    return mapped
 
 
 def llama_to_exaone_name(name: str) -> str:
     """EXAONE name of a Llama tensor name; ModelLayoutError for a name with no EXAONE equivalent
     (e.g. attention/MLP biases, which EXAONE-3.5 does not have)."""
-    if name in _GLOBAL_LLAMA_TO_EXAONE:
-        return _GLOBAL_LLAMA_TO_EXAONE[name]
-    m = _LLAMA_LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_LLAMA_TO_EXAONE:
-        return f"transformer.h.{m.group(1)}.{_LAYER_LLAMA_TO_EXAONE[m.group(2)]}"
-    raise ModelLayoutError(f"unexpected tensor {name!r}: not part of the Llama layout EXAONE-3.5 maps to")
+    mapped = _map_name(name, LLAMA_TO_EXAONE)
+    if mapped is None:
+        raise ModelLayoutError(f"unexpected tensor {name!r}: not part of the Llama layout EXAONE-3.5 maps to")
+    return mapped
 
 
 def expected_llama_shapes(llama_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

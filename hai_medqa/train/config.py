@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hai_medqa.config import ConfigError
+from hai_medqa.model.exaone_layout import LLAMA_PROJECTIONS
 
 # Every attention and MLP projection of a Llama-layout decoder layer (the converted EXAONE names).
-LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGET_MODULES = list(LLAMA_PROJECTIONS)
 
 AttnImpl = Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"]
 

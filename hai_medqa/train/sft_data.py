@@ -79,7 +79,7 @@ def _parse_line(line: str) -> list[dict]:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg})") from None
-    messages = chat_format.record_to_messages(record, system_prompt=None)
+    messages = chat_format.record_to_messages(record, system_prompt="")
     if messages[-1]["role"] != "assistant":
         raise chat_format.ChatFormatError("the last message is not an assistant answer")
     return messages
@@ -177,8 +177,8 @@ def _with_system_prompt(messages: list[dict], system_prompt: str | None) -> list
 
 
 def effective_system_prompt(system_prompt: str | None) -> str:
-    """The system prompt a config value means: None -> the project default, "" -> none."""
-    return chat_format.DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    """The system prompt a config value means (chat_format's rule): None -> the default, "" -> none."""
+    return chat_format.resolve_system_prompt(system_prompt)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 STEPS = 8  # 2 epochs x 4 steps: 7 micro-batches per epoch, 2 per step
 TIMEOUT = 240

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hai_medqa.data import run_preprocess
-from hai_medqa.data.sample_builder import (
+from hai_medqa.fixtures.aihub_sample import (
     SAMPLE_DIR,
     TRAIN_LABEL_ROOT,
     VALIDATION_LABEL_ROOT,

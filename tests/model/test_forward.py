@@ -113,7 +113,7 @@ def test_converted_llama_matches_reference_forward(variant, tiny_exaone_dir, tin
 def test_unusual_shape_matches_reference(tmp_path):
     """head_dim != hidden/heads, a single KV head, tied embeddings, no rope scaling, bf16 storage:
     every value comes from config.json, none is assumed."""
-    from hai_medqa.model.tiny import build_exaone_checkpoint
+    from hai_medqa.fixtures.tiny_model import build_exaone_checkpoint
 
     shape = {"hidden_size": 96, "num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
              "head_dim": 32, "intermediate_size": 160, "vocab_size": 300, "tie_word_embeddings": True,

@@ -24,7 +24,7 @@ from hai_medqa.evaluation.kormedmcqa import (
     score_kormedmcqa,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "kormedmcqa"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "kormedmcqa"
 
 
 @pytest.fixture

@@ -58,7 +58,9 @@ def test_record_to_messages_single_turn_with_and_without_system():
         {"role": "user", "content": "두통이 있어요"},
         {"role": "assistant", "content": "휴식하세요"},
     ]
-    no_sys = record_to_messages(rec, system_prompt=None)
+    # One meaning of "none" everywhere (issue 12): None = not given = the default; "" = no system prompt.
+    assert record_to_messages(rec, system_prompt=None) == record_to_messages(rec)
+    no_sys = record_to_messages(rec, system_prompt="")
     assert [m["role"] for m in no_sys] == ["user", "assistant"]
     assert render(no_sys).startswith("[|system|][|endofturn|]\n[|user|]두통이 있어요\n")
 

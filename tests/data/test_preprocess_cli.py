@@ -14,12 +14,12 @@ import pytest
 
 from hai_medqa.data import run_preprocess
 from hai_medqa.data.cli import main
-from hai_medqa.data.sample_builder import SAMPLE_DIR, VALIDATION_LABEL_ROOT
 from hai_medqa.data.schema import DataError
-from hai_medqa.data.synthetic import write_synthetic_tree
+from hai_medqa.fixtures.aihub_sample import SAMPLE_DIR, VALIDATION_LABEL_ROOT
+from hai_medqa.fixtures.synthetic_trees import write_synthetic_tree
 from hai_medqa.io_utils import iter_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_cli_writes_records_report_and_summary(tmp_path, capsys):

@@ -6,7 +6,6 @@ import unicodedata
 
 import pytest
 
-from hai_medqa.data.sample_content import fill, josa_fields
 from hai_medqa.data.schema import (
     RECORD_FIELDS,
     InvalidItem,
@@ -15,6 +14,7 @@ from hai_medqa.data.schema import (
     parse_answer,
     parse_question,
 )
+from hai_medqa.fixtures.aihub_sample_content import fill, josa_fields
 
 
 @pytest.mark.parametrize(
