@@ -12,7 +12,8 @@ A training run folder (`S_F2.py --output-dir RUN`)::
 A release folder (`merge_and_upload.py --output OUT`)::
 
     OUT/config.json, model*.safetensors, tokenizer*, generation_config.json, LICENSE, README.md
-    OUT/merge_info.json               how the weights were made (MERGE_INFO)
+    OUT/merge_info.json               how the weights were made (MERGE_INFO, written by the merge)
+    OUT/release_info.json             what the publish stage added (RELEASE_INFO)
     OUT/training/                     the run files that travel (RELEASE_TRAINING_DIR, RUN_FILES)
     OUT/training/hai_medqa_training.json   the adapter's TRAINING_RECORD (base model, system prompt)
     OUT/eval_results.json
@@ -54,6 +55,10 @@ TRAINING_RECORD = "hai_medqa_training.json"
 # ---------------------------------------------------------------- evaluation, release
 EVAL_RESULTS = "eval_results.json"
 MERGE_INFO = "merge_info.json"
+RELEASE_INFO = "release_info.json"
+"""The publish stage's record in a release folder (license copied, run files carried, evaluation bound)."""
+MODEL_CARD = "README.md"
+LICENSE_FILE = "LICENSE"
 RELEASE_TRAINING_DIR = "training"
 RUN_FILES = (RESOLVED_CONFIG, RUN_INFO, SUMMARY, METRICS, LOSS_CURVE)
 """The run files a release carries in RELEASE_TRAINING_DIR."""

@@ -19,9 +19,8 @@ import torch
 from hai_medqa.errors import HaiMedQAError
 from hai_medqa.merge.safetensors_stream import SafetensorsFormatError, TensorInfo, read_header, read_tensor
 from hai_medqa.model.exaone_layout import LLAMA_PROJECTIONS
+from hai_medqa.run_folder import ADAPTER_CONFIG, ADAPTER_DIRS, ADAPTER_WEIGHTS, find_adapter_dir
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 # init methods that rewrite the base weights themselves (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA): the
@@ -121,15 +120,13 @@ def _pattern_value(patterns: dict, module: str, default):
 def resolve_adapter_dir(path: str | Path) -> Path:
     """Accept an adapter folder or a training run folder (then use adapter_best/, else adapter_last/)."""
     path = Path(path)
-    if (path / ADAPTER_CONFIG).is_file():
-        return path
-    for sub in ("adapter_best", "adapter_last"):
-        if (path / sub / ADAPTER_CONFIG).is_file():
-            return path / sub
+    found = find_adapter_dir(path)
+    if found is not None:
+        return found
     if not path.exists():
         raise AdapterError(f"adapter folder {path} does not exist")
     raise AdapterError(
-        f"{path} holds no {ADAPTER_CONFIG} (and no adapter_best/ or adapter_last/ run folder beneath it)"
+        f"{path} holds no {ADAPTER_CONFIG} (and no {' or '.join(d + '/' for d in ADAPTER_DIRS)} run folder beneath it)"
     )
 
 

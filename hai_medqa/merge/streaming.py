@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import platform
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,6 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from hai_medqa import __version__
 from hai_medqa.errors import HaiMedQAError
 from hai_medqa.io_utils import atomic_dir, sha256_file, write_json
 from hai_medqa.merge.lora import AdapterError, LoraAdapter, load_adapter, resolve_adapter_dir
@@ -45,14 +42,12 @@ from hai_medqa.model.exaone_layout import (
     llama_config_to_exaone,
     llama_to_exaone_name,
 )
+from hai_medqa.run_folder import ADAPTER_WEIGHTS, MERGE_INFO, RUN_INFO, find_run_dir, package_versions
 
 MergeInto = Literal["original", "nf4"]
 Layout = Literal["llama", "exaone"]
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size
 _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
-# Files of the training run copied beside the weights (under training/) when they exist.
-RUN_FILES = ("resolved_config.yaml", "run_info.json", "summary.json", "metrics.jsonl", "loss_curve.png")
-ADAPTER_RECORD = "hai_medqa_training.json"  # the trainer's note beside each adapter (base, system prompt)
 
 
 class MergeError(HaiMedQAError, ValueError):
@@ -241,27 +236,15 @@ def check_output_path(output: Path, inputs: list[Path], overwrite: bool, *, may_
 
 
 def _prepare_tokenizer(adapter_dir: Path, base_dir: Path):
-    """The tokenizer to ship: the adapter's (what training used), else the base's; with the project's
-    chat template whenever the stored one breaks the EXAONE rules."""
-    from hai_medqa.chat_format import EOT, EXAONE_CHAT_TEMPLATE, check_tokenizer_template
+    """The tokenizer to ship: the adapter's (what training used), else the base's, checked by the
+    project's one tokenizer rule (which also repairs a chat template that breaks the EXAONE format)."""
+    from hai_medqa.chat_format import apply_tokenizer_rule
     from hai_medqa.model.load import load_tokenizer
 
     source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
     tokenizer = load_tokenizer(source)
-    problems = check_tokenizer_template(tokenizer)
-    if problems:
-        logger.warning(f"tokenizer from {source}: {problems[0]}; writing the project's EXAONE chat template")
-        tokenizer.chat_template = EXAONE_CHAT_TEMPLATE
-    eot_id = tokenizer.convert_tokens_to_ids(EOT)
-    if eot_id is None or eot_id == tokenizer.unk_token_id:
-        raise MergeError(f"tokenizer from {source} has no {EOT} token: not an EXAONE tokenizer")
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None or pad_id == eot_id:
-        raise MergeError(
-            f"tokenizer from {source}: pad token must exist and differ from {EOT} (pad id {pad_id}), "
-            "or generation cannot tell padding from the end of an answer"
-        )
-    return tokenizer, source, eot_id, pad_id
+    ids = apply_tokenizer_rule(tokenizer, source=str(source), repair_template=True)
+    return tokenizer, source, ids.eot_id, ids.pad_id
 
 
 def _generation_config(base_dir: Path, bos_id: int | None, eos_id: int, pad_id: int) -> dict:
@@ -277,6 +260,7 @@ def _generation_config(base_dir: Path, bos_id: int | None, eos_id: int, pad_id: 
 
 
 def _output_config(base: BaseCheckpoint, layout: str) -> dict:
+    """The merged folder's config.json: the one place it is built (extend here, e.g. for GGUF keys)."""
     if layout == "llama":
         return dict(base.llama_config)
     # Keep EXAONE's own config (key order, auto_map, embed_dropout): the base's, or the original one
@@ -301,70 +285,23 @@ def _shard_plan(items: list[tuple[str, TensorInfo]], max_shard_bytes: int) -> li
     return shards
 
 
-def _versions() -> dict:
-    import peft
-    import safetensors
-    import transformers
-
-    out = {"hai_medqa": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-           "peft": peft.__version__, "safetensors": safetensors.__version__, "python": platform.python_version()}
-    try:
-        import bitsandbytes
-
-        out["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        pass
-    return out
-
-
-def find_run_dir(adapter_dir: Path) -> Path | None:
-    """The training run folder an adapter came from (RUN_DIR/adapter_best -> RUN_DIR), if recognisable."""
-    parent = adapter_dir.parent
-    return parent if (parent / "resolved_config.yaml").is_file() or (parent / "run_info.json").is_file() else None
-
-
 def _training_load_dtype(run: Path | None) -> str | None:
     """The dtype training loaded the base in (run_info.json resolved.compute_dtype), if recorded."""
-    if run is None or not (run / "run_info.json").is_file():
+    if run is None or not (run / RUN_INFO).is_file():
         return None
     try:
-        info = json.loads((run / "run_info.json").read_text(encoding="utf-8"))
+        info = json.loads((run / RUN_INFO).read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return None
     dtype = (info.get("resolved") or {}).get("compute_dtype") if isinstance(info, dict) else None
     return dtype if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype) else None
 
 
-def find_eval_results(run: Path | None, eval_results: str | Path | None) -> Path | None:
-    """The evaluation results to publish: the given file, else RUN_DIR/eval_results.json if present."""
-    if eval_results is not None:
-        path = Path(eval_results)
-        if not path.is_file():
-            raise MergeError(f"evaluation results {path} do not exist")
-        return path
-    if run is not None and (run / "eval_results.json").is_file():
-        return run / "eval_results.json"
-    return None
-
-
-def copy_run_files(dest: Path, run: Path | None, eval_path: Path | None) -> list[str]:
-    """Copy the run's config and metrics into dest/training/ and the eval results beside; return
-    the names copied from the run."""
-    copied = [f for f in RUN_FILES if run is not None and (run / f).is_file()]
-    if copied:
-        (dest / "training").mkdir(exist_ok=True)
-        for f in copied:
-            shutil.copy2(run / f, dest / "training" / f)
-    if eval_path is not None:
-        shutil.copy2(eval_path, dest / "eval_results.json")
-    return copied
-
-
 def existing_merge_matches(output: str | Path, base: str | Path, adapter: str | Path, *, merge_into: str,
                            layout: str) -> bool:
     """True when `output` is a complete folder this merge already wrote from the same base, adapter
     bytes, mode and layout (so re-running a command after a failed upload skips the merge)."""
-    info_path = Path(output) / "merge_info.json"
+    info_path = Path(output) / MERGE_INFO
     if not info_path.is_file():
         return False
     try:
@@ -373,7 +310,7 @@ def existing_merge_matches(output: str | Path, base: str | Path, adapter: str | 
     except (json.JSONDecodeError, AdapterError):
         return False
     return (info.get("base") == str(base) and info.get("merge_into") == merge_into and info.get("layout") == layout
-            and info.get("adapter_sha256") == sha256_file(adapter_dir / "adapter_model.safetensors"))
+            and info.get("adapter_sha256") == sha256_file(adapter_dir / ADAPTER_WEIGHTS))
 
 
 def merge_adapter(
@@ -386,7 +323,6 @@ def merge_adapter(
     nf4: NF4Settings | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     run_dir: str | Path | None = None,
-    eval_results: str | Path | None = None,
     overwrite: bool = False,
     finalize: Callable[[Path, dict], None] | None = None,
 ) -> MergeResult:
@@ -397,10 +333,12 @@ def merge_adapter(
     `"nf4"` first applies the NF4 round trip QLoRA training used (`nf4` settings) to every decoder
     projection, so the merged forward equals the training-time forward. `layout` picks the written
     names and config ("llama": plain transformers; "exaone": EXAONE-3.5's own). Beside the weights:
-    config, generation_config (eos = [|endofturn|], pad distinct), tokenizer with chat template,
-    LICENSE, training/ (the run's config and metrics), eval_results.json when given or found,
-    merge_info.json. `finalize(tmp_dir, info)` runs on the complete folder before it appears (used to
-    add the model card). Raises MergeError/AdapterError before writing anything if the inputs do not fit.
+    config, generation_config (eos = [|endofturn|], pad distinct), tokenizer with chat template and
+    merge_info.json. `run_dir` (default: the adapter's run folder) tells the dtype training loaded the
+    base in. `finalize(tmp_dir, info)` runs on the complete folder before it appears (the publish stage
+    adds the license, training files and card there). Raises MergeError/AdapterError/ChatFormatError
+    before writing anything if the inputs do not fit. Merging only merges: nothing here decides what is
+    released.
     """
     if merge_into not in ("original", "nf4"):
         raise MergeError(f"merge_into must be 'original' or 'nf4', got {merge_into!r}")
@@ -416,7 +354,6 @@ def merge_adapter(
     lora = load_adapter(adapter, adapter_weight_to_llama)
     check_adapter_fits(checkpoint, lora)
     run = Path(run_dir) if run_dir is not None else find_run_dir(lora.path)
-    eval_path = find_eval_results(run, eval_results)
     if nf4 is None:
         nf4 = NF4Settings.from_project()
         trained_dtype = _training_load_dtype(run)
@@ -444,7 +381,7 @@ def merge_adapter(
         "base": str(base),
         "base_layout": checkpoint.layout,
         "adapter": str(lora.path),
-        "adapter_sha256": sha256_file(lora.path / "adapter_model.safetensors"),
+        "adapter_sha256": sha256_file(lora.path / ADAPTER_WEIGHTS),
         "adapter_config": {k: lora.config.get(k) for k in (
             "r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern",
             "base_model_name_or_path")},
@@ -455,7 +392,7 @@ def merge_adapter(
         "weight_dtypes": weight_dtypes,
         "tokenizer_from": str(tok_source),
         "run_dir": str(run) if run else None,
-        "versions": _versions(),
+        "versions": package_versions(),
     }
 
     with atomic_dir(output) as tmp:
@@ -495,15 +432,7 @@ def merge_adapter(
         write_json(tmp / "config.json", out_config)
         write_json(tmp / "generation_config.json", gen_config)
         tokenizer.save_pretrained(str(tmp))
-
-        from hai_medqa.publish.license import write_license
-
-        info["full_license_text"] = write_license(tmp, base_dir)
-        info["training_files"] = copy_run_files(tmp, run, eval_path)
-        if (lora.path / ADAPTER_RECORD).is_file():
-            (tmp / "training").mkdir(exist_ok=True)
-            shutil.copy2(lora.path / ADAPTER_RECORD, tmp / "training" / ADAPTER_RECORD)
-        write_json(tmp / "merge_info.json", info)
+        write_json(tmp / MERGE_INFO, info)
         if finalize is not None:
             finalize(tmp, info)
     logger.info(f"wrote merged model to {output} ({total_bytes / 2**20:.1f} MiB in {n_shards} shard(s))")

@@ -15,11 +15,12 @@ from pathlib import Path
 from loguru import logger
 
 from hai_medqa.io_utils import atomic_write_text
+from hai_medqa.run_folder import LICENSE_FILE
 
 EXAONE_LICENSE_NAME = "exaone"
 EXAONE_LICENSE_URL = "https://huggingface.co/LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct/blob/main/LICENSE"
 REQUIRED_NAME_PREFIX = "EXAONE"  # the agreement: a modified model's name must start with "EXAONE"
-LICENSE_FILENAMES = ("LICENSE", "LICENSE.md", "LICENSE.txt")
+LICENSE_FILENAMES = (LICENSE_FILE, "LICENSE.md", "LICENSE.txt")
 
 EXAONE_CITATION = """@article{exaone-3.5,
   title={EXAONE 3.5: Series of Large Language Models for Real-world Use Cases},
@@ -68,13 +69,13 @@ def write_license(dest_dir: str | os.PathLike, base_dir: str | os.PathLike | Non
     """
     source = find_license_file(base_dir) if base_dir is not None else None
     if source is not None:
-        atomic_write_text(Path(dest_dir) / "LICENSE", source.read_text(encoding="utf-8"))
+        atomic_write_text(Path(dest_dir) / LICENSE_FILE, source.read_text(encoding="utf-8"))
         return True
     logger.warning(
         "the base model folder has no LICENSE file; wrote a notice instead of the full EXAONE agreement. "
         "Copy the base repository's LICENSE into the output before distributing the model."
     )
-    atomic_write_text(Path(dest_dir) / "LICENSE", LICENSE_NOTICE)
+    atomic_write_text(Path(dest_dir) / LICENSE_FILE, LICENSE_NOTICE)
     return False
 
 

@@ -19,8 +19,18 @@ from hai_medqa.chat_format import DEFAULT_SYSTEM_PROMPT
 from hai_medqa.errors import HaiMedQAError
 from hai_medqa.io_utils import atomic_write_text
 from hai_medqa.publish.license import EXAONE_CITATION, EXAONE_LICENSE_NAME, EXAONE_LICENSE_URL
+from hai_medqa.run_folder import (
+    ADAPTER_CONFIG,
+    EVAL_RESULTS,
+    MERGE_INFO,
+    MODEL_CARD,
+    RELEASE_TRAINING_DIR,
+    RESOLVED_CONFIG,
+    RUN_INFO,
+    SUMMARY,
+    TRAINING_RECORD,
+)
 
-TRAINING_RECORD = "hai_medqa_training.json"  # written by the trainer beside each adapter
 CARD_TAGS = ["exaone", "korean", "medical", "healthcare", "qlora", "lora", "hai-medqa"]
 DATASET_NAME = "AI Hub 초거대AI 헬스케어 질의응답 데이터 (Korean healthcare QA)"
 DATASET_URL = "https://www.aihub.or.kr/aihubdata/data/view.do?dataSetSn=71762"
@@ -83,24 +93,25 @@ def load_card_facts(folder: str | os.PathLike) -> dict[str, Any]:
     """Gather the recorded facts of a release folder: merge_info.json, training/*, eval_results.json."""
     folder = Path(folder)
     facts: dict[str, Any] = {}
+    training = folder / RELEASE_TRAINING_DIR
     files = {
-        "merge_info": folder / "merge_info.json",
-        "run_info": folder / "training" / "run_info.json",
-        "summary": folder / "training" / "summary.json",
-        "eval": folder / "eval_results.json",
+        "merge_info": folder / MERGE_INFO,
+        "run_info": training / RUN_INFO,
+        "summary": training / SUMMARY,
+        "eval": folder / EVAL_RESULTS,
     }
     for key, path in files.items():
         if path.is_file():
             facts[key] = _read_json(path)
-    cfg = folder / "training" / "resolved_config.yaml"
+    cfg = training / RESOLVED_CONFIG
     if cfg.is_file():
         facts["train_config"] = _read_yaml(cfg)
         facts["train_config_text"] = cfg.read_text(encoding="utf-8")
-    for record in (folder / TRAINING_RECORD, folder / "training" / TRAINING_RECORD):
+    for record in (folder / TRAINING_RECORD, training / TRAINING_RECORD):
         if record.is_file():
             facts["training_record"] = _read_json(record)
             break
-    adapter_cfg = folder / "adapter_config.json"
+    adapter_cfg = folder / ADAPTER_CONFIG
     if adapter_cfg.is_file():
         facts["adapter_config"] = _read_json(adapter_cfg)
     elif isinstance(facts.get("merge_info"), dict):
@@ -304,7 +315,7 @@ def render_model_card(
 
 def write_model_card(folder: str | os.PathLike, *, repo_id: str, base_model: str, adapter_only: bool = False) -> Path:
     """Render the card for `folder` and write it as `folder/README.md` (atomically)."""
-    path = Path(folder) / "README.md"
+    path = Path(folder) / MODEL_CARD
     atomic_write_text(path, render_model_card(folder, repo_id=repo_id, base_model=base_model,
                                               adapter_only=adapter_only))
     return path

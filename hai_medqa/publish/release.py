@@ -1,5 +1,6 @@
-"""Naming and packaging of what gets published: the repo id, the base model's Hub id for the card,
-and the adapter-only release folder."""
+"""The release stage: naming (repo id, the base model's Hub id for the card), what a release folder
+carries beside the weights (LICENSE, the run's training files, evaluation results, release_info.json,
+the card), the adapter-only release folder, and `make_release`, which composes merge then release."""
 
 from __future__ import annotations
 
@@ -12,20 +13,18 @@ from pathlib import Path
 from loguru import logger
 
 from hai_medqa.io_utils import atomic_dir, sha256_file, write_json
-from hai_medqa.merge.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, resolve_adapter_dir
+from hai_medqa.merge.lora import load_adapter, resolve_adapter_dir
 from hai_medqa.merge.streaming import (
-    ADAPTER_RECORD,
     DEFAULT_MAX_SHARD_BYTES,
+    MergeError,
     adapter_weight_to_llama,
     check_adapter_fits,
     check_output_path,
     conversion_source,
-    copy_run_files,
     existing_merge_matches,
-    find_eval_results,
-    find_run_dir,
     merge_adapter,
     read_base_checkpoint,
+    resolve_base,
 )
 from hai_medqa.publish.hub import (
     OWNER_PLACEHOLDER,
@@ -37,12 +36,23 @@ from hai_medqa.publish.hub import (
 )
 from hai_medqa.publish.license import REQUIRED_NAME_PREFIX, write_license
 from hai_medqa.publish.model_card import write_model_card
+from hai_medqa.run_folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    EVAL_RESULTS,
+    RELEASE_INFO,
+    RELEASE_TRAINING_DIR,
+    RUN_FILES,
+    RUN_INFO,
+    TRAINING_RECORD,
+    find_run_dir,
+)
 
 PROJECT_SUFFIX = "HAI-MedQA"
 _RECORDED_HUB_RE = re.compile(r"^hub:(?P<id>[^@\s]+/[^@\s]+)(?:@|$)")
 # Files of an adapter folder that are published with it (PEFT weights + config, tokenizer + template).
 ADAPTER_RELEASE_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "tokenizer.json", "tokenizer_config.json",
-                         "special_tokens_map.json", "chat_template.jinja", "added_tokens.json", ADAPTER_RECORD)
+                         "special_tokens_map.json", "chat_template.jinja", "added_tokens.json", TRAINING_RECORD)
 
 
 def _hub_id(text: str | None) -> str | None:
@@ -74,9 +84,9 @@ def base_model_id(base: str, adapter_config: dict | None = None, explicit: str |
     if _hub_id(base):
         return base
     candidates: list[str | None] = [base]
-    if run_dir is not None and (run_dir / "run_info.json").is_file():
+    if run_dir is not None and (run_dir / RUN_INFO).is_file():
         try:
-            model = json.loads((run_dir / "run_info.json").read_text(encoding="utf-8")).get("model") or {}
+            model = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8")).get("model") or {}
             candidates.append(model.get("local_path") if isinstance(model, dict) else None)
         except (json.JSONDecodeError, AttributeError):
             pass
@@ -97,6 +107,44 @@ def default_repo_name(base_id: str | None, *, adapter_only: bool) -> str:
         name = REQUIRED_NAME_PREFIX
     name = f"{name}-{PROJECT_SUFFIX}"
     return name + "-LoRA" if adapter_only else name
+
+
+def find_eval_results(run: Path | None, eval_results: str | Path | None) -> Path | None:
+    """The evaluation results to publish: the given file, else RUN_DIR/eval_results.json if present."""
+    if eval_results is not None:
+        path = Path(eval_results)
+        if not path.is_file():
+            raise MergeError(f"evaluation results {path} do not exist")
+        return path
+    if run is not None and (run / EVAL_RESULTS).is_file():
+        return run / EVAL_RESULTS
+    return None
+
+
+def copy_run_files(dest: Path, run: Path | None, eval_path: Path | None) -> list[str]:
+    """Copy the run's config and metrics into dest/training/ and the eval results beside; return
+    the names copied from the run."""
+    copied = [f for f in RUN_FILES if run is not None and (run / f).is_file()]
+    if copied:
+        (dest / RELEASE_TRAINING_DIR).mkdir(exist_ok=True)
+        for f in copied:
+            shutil.copy2(run / f, dest / RELEASE_TRAINING_DIR / f)
+    if eval_path is not None:
+        shutil.copy2(eval_path, dest / EVAL_RESULTS)
+    return copied
+
+
+def add_release_files(folder: Path, *, base_dir: Path | None, adapter_dir: Path, run: Path | None,
+                      eval_path: Path | None) -> dict:
+    """What a merged release folder carries beside the weights: LICENSE, the run's training files
+    and the trainer's record under training/, the evaluation results. Returns the facts for
+    release_info.json."""
+    full_license = write_license(folder, base_dir)
+    copied = copy_run_files(folder, run, eval_path)
+    if (adapter_dir / TRAINING_RECORD).is_file():
+        (folder / RELEASE_TRAINING_DIR).mkdir(exist_ok=True)
+        shutil.copy2(adapter_dir / TRAINING_RECORD, folder / RELEASE_TRAINING_DIR / TRAINING_RECORD)
+    return {"full_license_text": full_license, "training_files": copied}
 
 
 def build_adapter_release(
@@ -130,7 +178,7 @@ def build_adapter_release(
                 shutil.copy2(lora.path / name, tmp / name)
         full_license = write_license(tmp, base_dir)
         copied = copy_run_files(tmp, run, eval_path)
-        write_json(tmp / "release_info.json", {
+        write_json(tmp / RELEASE_INFO, {
             "kind": "adapter",
             "adapter": str(lora.path),
             "adapter_sha256": sha256_file(lora.path / ADAPTER_WEIGHTS),
@@ -201,7 +249,7 @@ def make_release(
     adapter_dir = resolve_adapter_dir(adapter)
     adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     run = Path(run_dir) if run_dir is not None else find_run_dir(adapter_dir)
-    trainer_record = adapter_dir / ADAPTER_RECORD
+    trainer_record = adapter_dir / TRAINING_RECORD
     trainer_base = None
     if trainer_record.is_file():
         try:
@@ -226,10 +274,17 @@ def make_release(
         logger.info(f"{output} already holds this merge; reusing it (pass --overwrite to merge again)")
         write_model_card(output, repo_id=repo_id, base_model=base_id)
     else:
+        base_dir = resolve_base(base)
+        eval_path = find_eval_results(run, eval_results)
+
+        def finalize(tmp: Path, _info: dict) -> None:  # the release's files, added before the folder appears
+            facts = add_release_files(tmp, base_dir=base_dir, adapter_dir=adapter_dir, run=run, eval_path=eval_path)
+            write_json(tmp / RELEASE_INFO, {"kind": "merged", "base_model": base_id, **facts})
+            write_model_card(tmp, repo_id=repo_id, base_model=base_id)
+
         merge_adapter(
             base, adapter_dir, output, merge_into=merge_into, layout=layout, max_shard_bytes=max_shard_bytes,
-            run_dir=run_dir, eval_results=eval_results, overwrite=overwrite,
-            finalize=lambda tmp, _info: write_model_card(tmp, repo_id=repo_id, base_model=base_id),
+            run_dir=run_dir, overwrite=overwrite, finalize=finalize,
         )
     plan = None
     if push or dry_run:

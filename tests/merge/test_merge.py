@@ -201,11 +201,10 @@ def test_side_files(tiny_exaone_dir, tiny_lora_run, tmp_path):
     assert gen["eos_token_id"] == tok.convert_tokens_to_ids(EOT) != gen["pad_token_id"] == tok.pad_token_id
     msgs = [{"role": "user", "content": "두통이 심해요"}]
     assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == render(msgs, True)
-    assert "EXAONE" in (out / "LICENSE").read_text()
-    assert sorted(p.name for p in (out / "training").iterdir()) == ["resolved_config.yaml", "run_info.json",
-                                                                     "summary.json"]
     info = json.loads((out / "merge_info.json").read_text())
     assert info["adapted_weights"] == 21 and info["layout"] == "llama" and info["base_layout"] == "exaone"
+    # Merging only merges: the license, the run's files and the card are the release's (tests/publish).
+    assert not (out / "LICENSE").exists() and not (out / "training").exists() and not (out / "README.md").exists()
 
 
 def test_streaming_writer_roundtrip_bf16(tmp_path):
@@ -248,3 +247,21 @@ def test_adapter_with_exaone_module_names_merges_identically(tiny_exaone_dir, ti
     merge_adapter(tiny_exaone_dir, adapter, tmp_path / "b")
     a, b = (load_file(next((tmp_path / d).glob("model-*.safetensors"))) for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_merge_imports_no_later_stage():
+    """Merging only merges: no module of hai_medqa.merge imports the release stage or any stage that
+    runs after training (issue 12: the only upward import was merge -> publish)."""
+    import ast
+    from pathlib import Path
+
+    import hai_medqa.merge
+
+    forbidden = ("hai_medqa.publish", "hai_medqa.train", "hai_medqa.inference", "hai_medqa.evaluation")
+    found = []
+    for path in sorted(Path(hai_medqa.merge.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {n}" for n in names if n.startswith(forbidden)]
+    assert found == []

@@ -8,7 +8,8 @@ import re
 import pytest
 
 from hai_medqa.merge import merge_adapter
-from hai_medqa.publish import render_model_card, write_model_card
+from hai_medqa.publish import render_model_card
+from hai_medqa.publish.release import make_release
 
 BASE_ID = "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct"
 REPO_ID = "labuser/EXAONE-3.5-7.8B-Instruct-HAI-MedQA"
@@ -17,8 +18,7 @@ REPO_ID = "labuser/EXAONE-3.5-7.8B-Instruct-HAI-MedQA"
 @pytest.fixture(scope="module")
 def merged(tiny_exaone_dir, tiny_lora_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("card") / "merged"
-    merge_adapter(tiny_exaone_dir, tiny_lora_run, out,
-                  finalize=lambda tmp, _: write_model_card(tmp, repo_id=REPO_ID, base_model=BASE_ID))
+    make_release(str(tiny_exaone_dir), tiny_lora_run, out, repo_id=REPO_ID, base_model=BASE_ID)  # merge, then release
     return out
 
 
@@ -52,7 +52,8 @@ def test_eval_results_shown_only_from_the_file(tiny_exaone_dir, tiny_lora_run, t
                "metrics": {"rouge1": 0.3172, "rougeL": 0.2811}, "kormedmcqa": {"accuracy": 0.4125}}
     (tmp_path / "eval_results.json").write_text(json.dumps(results))
     out = tmp_path / "m"
-    merge_adapter(tiny_exaone_dir, tiny_lora_run, out, eval_results=tmp_path / "eval_results.json")
+    make_release(str(tiny_exaone_dir), tiny_lora_run, out, repo_id=REPO_ID, base_model=BASE_ID,
+                 eval_results=tmp_path / "eval_results.json")
     text = render_model_card(out, repo_id=REPO_ID, base_model=BASE_ID)
     assert "| rouge1 | 0.3172 |" in text and "| kormedmcqa/accuracy | 0.4125 |" in text
     assert "| samples | 40 |" in text and "No evaluation results" not in text
