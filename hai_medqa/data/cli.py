@@ -3,15 +3,66 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 from loguru import logger
 
 from ..logging_setup import setup_logging
+from .output_guard import check_output_paths
 from .pair import PAIRING_MODES
 from .preprocess import default_report_path, format_summary, run_preprocess
 from .read import SPLIT_MARKERS
 from .schema import DataError
+
+# What job schedulers and closing terminals send, besides Ctrl-C. Each becomes an exception, so every
+# `finally` runs (partial files removed, workers stopped) instead of the process just vanishing.
+STOP_SIGNALS = tuple(
+    s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None
+)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) turned into an exception; exit status 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_raise_interrupted() -> Iterator[None]:
+    """While inside, SIGINT/SIGTERM/SIGHUP raise Interrupted in the main thread. After the first one
+    the others are ignored, so the clean-up it starts (quick: workers are killed, a temporary file
+    deleted) is not itself cut short; the previous handlers come back on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum, _frame):
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _file_state(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="when a searched folder holds both Training and Validation, read only this one",
     )
     p.add_argument(
+        "--allow-mixed-splits",
+        action="store_true",
+        help="allow Training and Validation data in one output (refused by default)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -75,28 +131,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the preprocessing CLI; return the exit status (0 ok, 1 data error, 130 interrupted)."""
+    """Run the preprocessing CLI; return the exit status (0 ok, 1 data error, 128 + signal number
+    when stopped by SIGINT (130), SIGTERM (143) or SIGHUP (129))."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_file)
-    try:
-        report = run_preprocess(
-            args.input,
-            args.output,
-            pairing=args.pairing,
-            seed=args.seed,
-            drop_intro=args.drop_intro,
-            max_pairs_per_folder=args.max_pairs_per_folder,
-            split=args.split,
-            workers=args.workers,
-            report_path=args.report if args.report else default_report_path(args.output),
-            progress=not args.no_progress,
+    report_path = Path(args.report) if args.report else default_report_path(args.output)
+    try:  # before the log file is opened and before anything is read
+        check_output_paths(
+            args.input, {"--output": args.output, "--report": report_path, "--log-file": args.log_file}
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"error: interrupted; {args.output} was not changed", file=sys.stderr)
-        return 130
+    setup_logging(args.log_file)
+    before = _file_state(args.output)
+    with signals_raise_interrupted():
+        try:
+            try:
+                report = run_preprocess(
+                    args.input,
+                    args.output,
+                    pairing=args.pairing,
+                    seed=args.seed,
+                    drop_intro=args.drop_intro,
+                    max_pairs_per_folder=args.max_pairs_per_folder,
+                    split=args.split,
+                    allow_mixed_splits=args.allow_mixed_splits,
+                    workers=args.workers,
+                    report_path=report_path,
+                    progress=not args.no_progress,
+                )
+            except DataError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+        except KeyboardInterrupt as e:  # also a signal landing while an error is reported
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            what = (
+                f"{args.output} was not changed"
+                if _file_state(args.output) == before
+                else f"{args.output} was completely written, {report_path} was not"
+            )
+            print(f"error: interrupted by {signal.Signals(signum).name}; {what}", file=sys.stderr)
+            return 128 + signum
     print(format_summary(report))
     logger.info(
         "wrote {:,} records to {} in {:.1f} s", report["records"]["written"], args.output, report["seconds"]

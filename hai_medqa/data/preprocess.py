@@ -10,22 +10,27 @@ output is byte-identical for any number of workers and for folder or zip input.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loguru import logger
 from tqdm import tqdm
 
-from ..io_utils import atomic_path, sha256_file, write_json
+from ..io_utils import atomic_path, fault_point, remove_stale_partials, sha256_file, write_json
+from .output_guard import check_output_paths
 from .pair import check_pairing, folder_rng, pair_indices
 from .read import (
     ANSWER,
@@ -44,6 +49,7 @@ EXAMPLES_PER_REASON = 5  # offending paths kept per skip reason in the report
 WARNINGS_PER_REASON = 10  # skipped files logged at WARNING per reason; the rest at DEBUG
 AUTO_WORKERS_MIN_FOLDERS = 256  # below this a process pool costs more than it saves
 FOLDERS_PER_TASK = 16  # folders per pool task
+UNPAIRED_SHOWN = 10  # unpaired folders named in the printed summary (the report names all)
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,16 @@ def process_folder(task: FolderTask, options: PairingOptions) -> FolderResult:
 
     raw.sort(key=lambda item: (item[1], item[2], item[3]))  # NFC name, then source: same for folder and zip
     questions, answers = [], []
+    first_copy: dict[tuple[str, str], tuple[str, bytes]] = {}
     for role, name, _source, display, data in raw:
+        # The same folder and file name twice (TL.zip and its extracted TL/, overlapping inputs):
+        # ids are unique in the dataset, so it is one file reached twice; the first input's copy is used.
+        seen = first_copy.get((role, name))
+        if seen is not None:
+            same = "same content" if seen[1] == data else "DIFFERENT content; the first copy is used"
+            skip("duplicate_file", role, display, f"also reached as {seen[0]} ({same})")
+            continue
+        first_copy[(role, name)] = (display, data)
         try:
             obj = _loads(data)
             if role == QUESTION:
@@ -168,6 +183,7 @@ class _Report:
         self.questions = {"valid": 0, "in_folders_without_answers": 0}
         self.answers = {"valid": 0, "used": 0, "unused": 0}
         self.records = {"paired": 0, "duplicates_removed": 0, "written": 0}
+        self.unpaired: dict[str, list[str]] = {"questions_only": [], "answers_only": [], "no_valid_files": []}
 
     def skip(self, reason: str, role: str, path: str, detail: str) -> None:
         entry = self.skips.setdefault(reason, {"count": 0, "questions": 0, "answers": 0, "examples": []})
@@ -189,13 +205,14 @@ class _Report:
         self.folders["total"] += 1
         if r.questions_valid and r.answers_valid:
             self.folders["paired"] += 1
-        elif r.questions_valid:
-            self.folders["questions_only"] += 1
-            self.questions["in_folders_without_answers"] += r.questions_valid
-        elif r.answers_valid:
-            self.folders["answers_only"] += 1
         else:
-            self.folders["no_valid_files"] += 1
+            if r.questions_valid:
+                kind = "questions_only"
+                self.questions["in_folders_without_answers"] += r.questions_valid
+            else:
+                kind = "answers_only" if r.answers_valid else "no_valid_files"
+            self.folders[kind] += 1
+            self.unpaired[kind].append("/".join(r.key))
         self.files["seen"] += r.files_seen
         self.files["read"] += r.files_read
         self.questions["valid"] += r.questions_valid
@@ -212,6 +229,7 @@ class _Report:
             "answers": self.answers,
             "records": self.records,
             "skipped": {k: self.skips[k] for k in sorted(self.skips)},
+            "unpaired_folders": self.unpaired,
         }
 
 
@@ -244,16 +262,61 @@ def _start_method() -> str:
     return "spawn"
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Runs first in every worker: the parent alone decides when to stop (Ctrl-C reaches the whole
+    process group), a SIGTERM/SIGHUP ends the worker at once, and on Linux the kernel kills the
+    worker when its parent dies, however it dies (SIGKILL included)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_DFL)  # a forked worker inherits the parent's Python handler
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill the workers now (an interrupt or an error): waiting for their queued batches would keep
+    an interrupted run alive for seconds and, if the parent went on to die, leave them running."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in processes:
+        with contextlib.suppress(Exception):
+            proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        with contextlib.suppress(Exception):
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+
 @contextlib.contextmanager
 def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """A process pool with its workers already started, or None for one worker."""
+    """A process pool with its workers already started, or None for one worker. On any exception
+    (KeyboardInterrupt and the CLI's SIGTERM/SIGHUP interrupts included) the workers are killed
+    before the exception goes on."""
     if workers <= 1:
         yield None
         return
     ctx = multiprocessing.get_context(_start_method())
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        pool.submit(int).result()  # launches every worker now, before the progress bar starts a thread
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
+    )
+    try:
+        for _ in range(workers):  # launch every worker now, before the progress bar starts a thread
+            pool.submit(int)
+        pool.submit(int).result()
         yield pool
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
 
 
 def process_folders(tasks: list[FolderTask], options: PairingOptions) -> list[FolderResult]:
@@ -274,17 +337,27 @@ def _results(
         return
     window: deque[Future] = deque()
     batch: list[FolderTask] = []
+
+    def next_results() -> list[FolderResult]:
+        try:
+            return window.popleft().result()
+        except BrokenProcessPool:
+            raise DataError(
+                "a worker process stopped unexpectedly (killed by a signal or out of memory?); "
+                "try fewer --workers"
+            ) from None
+
     for task in tasks:
         batch.append(task)
         if len(batch) == FOLDERS_PER_TASK:
             window.append(pool.submit(process_folders, batch, options))
             batch = []
             if len(window) >= 3 * workers:
-                yield from window.popleft().result()
+                yield from next_results()
     if batch:
         window.append(pool.submit(process_folders, batch, options))
     while window:
-        yield from window.popleft().result()
+        yield from next_results()
 
 
 def resolve_workers(workers: int | None, n_folders: int) -> int:
@@ -313,6 +386,7 @@ def run_preprocess(
     drop_intro: bool = False,
     max_pairs_per_folder: int | None = None,
     split: str | None = None,
+    allow_mixed_splits: bool = False,
     workers: int | None = None,
     report_path: str | os.PathLike | None = None,
     progress: bool = True,
@@ -321,8 +395,10 @@ def run_preprocess(
 
     inputs: label-root folders, TL/VL or 02.라벨링데이터 folders or the dataset root (searched), or
     TL.zip/VL.zip files. The report is also written to `report_path` (default `<output>.report.json`).
-    Raises DataError (one line, user-facing) for unusable inputs or when no record is produced; the
-    output file is only replaced after a complete, successful run.
+    Raises DataError (one line, user-facing) for unusable inputs, for an output or report that would
+    overwrite an input (checked before anything is read), or when no record is produced; the
+    output file is only replaced after a complete, successful run. Unfinished files of an earlier,
+    killed run at the output or report path are removed first (and listed in the report).
     """
     started = time.monotonic()
     if isinstance(inputs, (str, os.PathLike)):  # one path given bare, not as a list
@@ -333,7 +409,9 @@ def run_preprocess(
     options = PairingOptions(pairing, seed, drop_intro, max_pairs_per_folder)
     output = Path(output)
     report_path = Path(report_path) if report_path is not None else default_report_path(output)
-    sources, ignored = discover_sources(inputs, split=split)
+    check_output_paths(inputs, {"--output": output, "--report": report_path})
+    removed_partials = remove_stale_partials(output) + remove_stale_partials(report_path)
+    sources, ignored = discover_sources(inputs, split=split, allow_mixed_splits=allow_mixed_splits)
     for source in sources:
         logger.info("reading {} {}", source.kind, source.path)
     for item in ignored:
@@ -346,15 +424,19 @@ def run_preprocess(
         keys = index.sorted_keys()
         n_workers = resolve_workers(workers, len(keys))
         logger.info("{} folders indexed ({} worker{})", len(keys), n_workers, "s" if n_workers > 1 else "")
+        fault_point("preprocess:indexed")
         with (
+            _worker_pool(n_workers) as pool,  # started first: workers never hold the partial output open
             atomic_path(output) as tmp,
             open(tmp, "w", encoding="utf-8", newline="\n") as out,
-            _worker_pool(n_workers) as pool,
         ):
             bar = tqdm(
                 total=len(keys), unit="folder", desc="preprocess", disable=not progress, dynamic_ncols=True
             )
-            for result in _results(_tasks(index, keys), options, pool, n_workers):
+            middle = len(keys) // 2
+            for done, result in enumerate(_results(_tasks(index, keys), options, pool, n_workers)):
+                if done == middle:
+                    fault_point("preprocess:middle")
                 report.add_folder(result)
                 for line, fp in zip(result.lines, result.fingerprints, strict=True):
                     if fp in seen_pairs:
@@ -377,8 +459,10 @@ def run_preprocess(
                     "drop_intro": drop_intro,
                     "max_pairs_per_folder": max_pairs_per_folder,
                     "split": split,
+                    "allow_mixed_splits": allow_mixed_splits,
                     "workers": n_workers,
                 },
+                "removed_partial_files": removed_partials,
                 **report.as_dict(),
                 "output": str(output),
                 "report": str(report_path),
@@ -391,6 +475,18 @@ def run_preprocess(
                     f"({report.files['read']} files read, {report.folders['paired']} folders with both "
                     f"questions and answers); see {report_path}"
                 )
+    dup = report.skips.get("duplicate_file")
+    if dup:
+        logger.warning(
+            "{:,} files ({:,} questions, {:,} answers) were reached through more than one input "
+            "(a zip and its extracted folder, or overlapping folders); each was used once (skipped."
+            "duplicate_file in {})",
+            dup["count"],
+            dup["questions"],
+            dup["answers"],
+            report_path,
+        )
+    fault_point("preprocess:before_report")
     summary["output_sha256"] = sha256_file(output)
     summary["seconds"] = round(time.monotonic() - started, 3)
     write_json(report_path, summary)
@@ -430,6 +526,18 @@ def format_summary(report: dict) -> str:
     section("records")
     for k, v in report["records"].items():
         row(k, v)
+    unpaired = report.get("unpaired_folders", {})
+    if any(unpaired.values()):
+        section("folders without a partner (all listed in the report)")
+        for kind, names in unpaired.items():
+            for name in names[:UNPAIRED_SHOWN]:
+                row(kind, name)
+            if len(names) > UNPAIRED_SHOWN:
+                row(kind, f"... and {len(names) - UNPAIRED_SHOWN:,} more")
+    if report.get("removed_partial_files"):
+        section("unfinished files of an earlier run")
+        for line in report["removed_partial_files"]:
+            row("", line)
     section("skipped")
     if not report["skipped"]:
         row("(nothing)", "")

@@ -41,8 +41,18 @@ class Source:
     path: Path
     found_from: Path
 
+    @property
+    def split(self) -> str | None:
+        """'train' / 'validation' when the path names one half of the distribution, else None."""
+        return _split_of(self.path.absolute().parts)
+
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": str(self.path), "found_from": str(self.found_from)}
+        return {
+            "kind": self.kind,
+            "path": str(self.path),
+            "found_from": str(self.found_from),
+            "split": self.split,
+        }
 
 
 def skip_reason_for_name(name: str) -> str | None:
@@ -78,8 +88,9 @@ def is_label_root(folder: Path) -> bool:
 
 
 def _split_of(parts: Iterable[str]) -> str | None:
-    """'train' / 'validation' if the path names one of the halves (Training, TL, TL.zip, ...)."""
-    for part in parts:
+    """'train' / 'validation' if the path names one of the halves (Training, TL, TL.zip, ...); the
+    name nearest the end wins (`/data/TL/VL.zip` is validation)."""
+    for part in reversed(list(parts)):
         stem = nfc(part)
         stem = stem[:-4] if stem.lower().endswith(".zip") else stem
         for split, markers in SPLIT_MARKERS.items():
@@ -125,15 +136,46 @@ def _search(root: Path, ignored: list[dict]) -> tuple[list[Path], list[Path]]:
     return folders, zips
 
 
+ZIP_LOCAL_HEADER = b"PK\x03\x04"  # how every zip begins (a partial download begins the same way)
+
+
+def check_zip(path: Path) -> None:
+    """Raise DataError, in one line, unless `path` is a zip that can be opened: a file cut short (a
+    partial download: no end-of-archive record) is told apart from a file that is no zip at all."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    if size == 0:
+        raise DataError(f"zip is empty (0 bytes; a download that never started?): {path}")
+    damaged = (
+        f"truncated or damaged zip (a partial download? {size:,} bytes, no readable end-of-archive "
+        f"record): {path}; download it again or check its size"
+    )
+    if not zipfile.is_zipfile(path):
+        if head == ZIP_LOCAL_HEADER or path.suffix.lower() == ".zip":
+            raise DataError(damaged)
+        raise DataError(f"input is a file but not a zip archive: {path}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        raise DataError(damaged) from None
+
+
 def discover_sources(
-    inputs: Iterable[str | os.PathLike], split: str | None = None
+    inputs: Iterable[str | os.PathLike], split: str | None = None, allow_mixed_splits: bool = False
 ) -> tuple[list[Source], list[dict]]:
     """Resolve every --input to label roots: a label-root folder itself, a zip, or a folder searched
     for them (TL/VL, 02.라벨링데이터, the dataset root). Returns (sources, ignored) where ignored lists
     what the search saw and did not use, with the reason.
 
-    Raises DataError for a missing input, an input with no label tree, or a search that finds both the
-    Training and the Validation half without `split` choosing one.
+    Raises DataError for a missing input, an input with no label tree, a truncated or damaged zip,
+    or sources of both the Training and the Validation half (whether found by one search or given
+    as several inputs) unless `split` chooses one or `allow_mixed_splits` is set. `split` also drops
+    given inputs of the other half (listed in ignored).
     """
     if split is not None and split not in SPLIT_MARKERS:
         raise DataError(f"unknown split '{split}' (choose one of: {', '.join(SPLIT_MARKERS)})")
@@ -145,14 +187,16 @@ def discover_sources(
         if not given.exists():
             raise DataError(f"input not found: {given}")
         if given.is_file():
-            if not zipfile.is_zipfile(given):
-                raise DataError(f"input is a file but not a zip archive: {given}")
+            check_zip(given)
             found = [Source("zip", given, given)]
         elif is_label_root(given):
             found = [Source("folder", given, given)]
         else:
             folders, zips = _search(given, ignored)
-            found = _choose(given, folders, zips, split, ignored)
+            found = _choose(given, folders, zips, split, ignored, allow_mixed_splits)
+            for source in found:
+                if source.kind == "zip":
+                    check_zip(source.path)
             if not found:
                 hint = (
                     f" (give its parent {given.parent}, which holds both trees)"
@@ -170,11 +214,30 @@ def discover_sources(
                 continue
             seen.add(resolved)
             sources.append(source)
+    if split is not None:
+        for source in [s for s in sources if s.split not in (split, None)]:
+            ignored.append({"path": str(source.path), "reason": f"not part of --split {split}"})
+            sources.remove(source)
+        if not sources:
+            raise DataError(f"no input is part of --split {split}: {', '.join(map(str, inputs))}")
+    halves = {s.split for s in sources} - {None}
+    if len(halves) > 1 and not allow_mixed_splits:
+        train = ", ".join(str(s.path) for s in sources if s.split == "train")
+        val = ", ".join(str(s.path) for s in sources if s.split == "validation")
+        raise DataError(
+            f"the inputs mix Training data ({train}) and Validation data ({val}) in one output; give "
+            "one half per run (or --split train / --split validation), or pass --allow-mixed-splits"
+        )
     return sources, ignored
 
 
 def _choose(
-    root: Path, folders: list[Path], zips: list[Path], split: str | None, ignored: list[dict]
+    root: Path,
+    folders: list[Path],
+    zips: list[Path],
+    split: str | None,
+    ignored: list[dict],
+    allow_mixed_splits: bool = False,
 ) -> list[Source]:
     """Pick among what a search found: extracted folders win over a zip of the same name (TL/ vs
     TL.zip), and Training/Validation must not be mixed silently."""
@@ -189,11 +252,11 @@ def _choose(
             candidates.append(Source("zip", z, root))
     splits = {c: _split_of(c.path.relative_to(root).parts) for c in candidates}
     if split is None:
-        if {"train", "validation"} <= set(splits.values()):
+        if {"train", "validation"} <= set(splits.values()) and not allow_mixed_splits:
             listing = ", ".join(str(c.path) for c in candidates)
             raise DataError(
                 f"{root} holds both Training and Validation data ({listing}); pass --split train or "
-                "--split validation, or give the TL/VL path itself"
+                "--split validation, or give the TL/VL path itself (--allow-mixed-splits: use both)"
             )
         return candidates
     chosen = []
@@ -260,8 +323,8 @@ class DatasetIndex:
     def _add_zip_source(self, index: int, path: Path) -> None:
         try:
             zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise DataError(f"cannot open zip {path}: {e}") from None
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise DataError(f"truncated or damaged zip {path}: cannot open it ({e})") from None
         self.zips[index] = zf
         for info in zf.infolist():
             if info.is_dir():

@@ -48,6 +48,7 @@ SKIP_REASONS = {
     "wrong_type": "value has the wrong type",
     "empty_text": "text is empty after whitespace normalisation",
     "outside_qa_tree": f"zip entry outside {QUESTION_DIR}/ and {ANSWER_DIR}/",
+    "duplicate_file": "the same file (folder and name) reached through another input; used once",
 }
 
 
