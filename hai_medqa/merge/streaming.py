@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from hai_medqa.errors import HaiMedQAError
 from hai_medqa.io_utils import atomic_dir, sha256_file, write_json
+from hai_medqa.merge.engine_config import make_tokenizer_config_portable, with_legacy_rope_keys
 from hai_medqa.merge.lora import AdapterError, LoraAdapter, load_adapter, resolve_adapter_dir
 from hai_medqa.merge.nf4 import NF4Settings, is_quantized_in_training, nf4_roundtrip
 from hai_medqa.merge.safetensors_stream import (
@@ -262,7 +263,7 @@ def _generation_config(base_dir: Path, bos_id: int | None, eos_id: int, pad_id: 
 def _output_config(base: BaseCheckpoint, layout: str) -> dict:
     """The merged folder's config.json: the one place it is built (extend here, e.g. for GGUF keys)."""
     if layout == "llama":
-        return dict(base.llama_config)
+        return with_legacy_rope_keys(base.llama_config)  # transformers 4.x, mistral.rs read these
     # Keep EXAONE's own config (key order, auto_map, embed_dropout): the base's, or the original one
     # the model stage recorded when it converted this Llama folder.
     reference = base.config if base.layout == "exaone" else conversion_record(base.path).get("source_config")
@@ -432,6 +433,7 @@ def merge_adapter(
         write_json(tmp / "config.json", out_config)
         write_json(tmp / "generation_config.json", gen_config)
         tokenizer.save_pretrained(str(tmp))
+        make_tokenizer_config_portable(tmp)  # a class transformers 4.x loads too
         write_json(tmp / MERGE_INFO, info)
         if finalize is not None:
             finalize(tmp, info)
