@@ -6,6 +6,9 @@ dropout 0.05 on all seven projections of every layer, non-reentrant gradient che
 
 `profile` names a bundle of speed/memory settings (see PROFILES). A profile only fills keys the
 user did not set; anything written in the YAML file or on the command line wins.
+
+A run's configuration is settled once, before training starts (`settle_config`: the profile, `auto`
+included, the FSDP requirements and whether it resumes), and is frozen from then on.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from loguru import logger
 
 from hai_medqa.config import ConfigError
 from hai_medqa.model.exaone_layout import LLAMA_PROJECTIONS
@@ -23,7 +28,7 @@ LORA_TARGET_MODULES = list(LLAMA_PROJECTIONS)
 AttnImpl = Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # --- what to train on
     model: str = "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct"
@@ -214,11 +219,11 @@ def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool, model
 FSDP_REQUIRED: dict[str, Any] = {"lora_kernel": "peft", "optimizer": "adamw_torch", "dequantize_cache": False}
 
 
-def apply_fsdp_requirements(cfg: TrainConfig, explicit: set[str], fsdp_version: int | None) -> tuple[TrainConfig, dict]:
-    """Under FSDP, set the keys FSDP-QLoRA needs (FSDP_REQUIRED) where the user left them at their
-    default; return (config, {key: value changed}). A conflicting explicit setting is a ConfigError."""
+def check_fsdp_requirements(cfg: TrainConfig, explicit: set[str], fsdp_version: int | None) -> None:
+    """Raise ConfigError when the config cannot run under this FSDP launch (checked before any model
+    is fetched); nothing to check without FSDP."""
     if fsdp_version is None:
-        return cfg, {}
+        return
     if fsdp_version != 1:
         raise ConfigError(f"FSDP-QLoRA needs fsdp_version 1, got {fsdp_version} (FSDP2 turns bitsandbytes' 4-bit "
                           "weights into plain tensors and loses their quantisation state); launch with "
@@ -228,5 +233,39 @@ def apply_fsdp_requirements(cfg: TrainConfig, explicit: set[str], fsdp_version: 
             raise ConfigError(f"{key}: {getattr(cfg, key)!r} does not work under FSDP; use {value!r} (or leave it unset)")
     if cfg.quantize_4bit and cfg.quant_storage == "uint8":
         raise ConfigError("quant_storage: uint8 cannot be sharded by FSDP; use auto (the compute dtype)")
+
+
+def apply_fsdp_requirements(cfg: TrainConfig, explicit: set[str], fsdp_version: int | None) -> tuple[TrainConfig, dict]:
+    """Under FSDP, set the keys FSDP-QLoRA needs (FSDP_REQUIRED) where the user left them at their
+    default; return (config, {key: value changed}). A conflicting explicit setting is a ConfigError."""
+    check_fsdp_requirements(cfg, explicit, fsdp_version)
+    if fsdp_version is None:
+        return cfg, {}
     changed = {k: v for k, v in FSDP_REQUIRED.items() if getattr(cfg, k) != v}
     return dataclasses.replace(cfg, **changed), changed
+
+
+def settle_config(requested: TrainConfig, explicit: set[str], *, on_gpu: bool, fsdp_version: int | None,
+                  resume: bool, model_config: dict[str, Any] | None = None,
+                  gpu_memory_bytes: int | None = None) -> tuple[TrainConfig, str]:
+    """The run's final configuration and the profile it uses, decided once before training starts.
+
+    The profile fills the keys the user did not set (``auto``: the fastest that fits this GPU, given
+    the model's config and the GPU's memory; ``plain`` on CPU), FSDP-QLoRA's requirements follow,
+    and `resume` is what the run folder allows (`checkpoint.decide_resume`). The result is frozen:
+    nothing changes it afterwards.
+
+    >>> cfg, profile = settle_config(TrainConfig(resume=True), set(), on_gpu=False, fsdp_version=None, resume=False)
+    >>> profile, cfg.attn_implementation, cfg.resume
+    ('plain', 'sdpa', False)
+    """
+    cfg, profile = resolve_profile(requested, explicit, on_gpu=on_gpu, model_config=model_config,
+                                   gpu_memory_bytes=gpu_memory_bytes)
+    if requested.profile == "auto" and on_gpu and model_config is not None and gpu_memory_bytes:
+        logger.info(f"profile auto -> {profile} (fast profile needs ~"
+                    f"{estimate_fast_peak_gib(model_config, cfg.tokens_per_micro_batch):.0f} GiB; "
+                    f"GPU has {gpu_memory_bytes / 2**30:.0f} GiB)")
+    cfg, changed = apply_fsdp_requirements(cfg, explicit, fsdp_version)
+    if changed:
+        logger.info(f"FSDP (version {fsdp_version}): using {changed} (FSDP-QLoRA needs them)")
+    return dataclasses.replace(cfg, resume=resume), profile

@@ -150,3 +150,32 @@ def test_auto_profile_on_cpu_is_plain_and_explicit_keys_win():
                                 {"lora_dropout", "gradient_checkpointing"}, on_gpu=True,
                                 model_config=EXAONE_78B_LLAMA, gpu_memory_bytes=80 * GIB)
     assert name == "fast" and cfg.lora_dropout == 0.1 and cfg.gradient_checkpointing is True
+
+
+# --- the config is settled once, then frozen -------------------------------------------------------
+def test_settle_config_applies_profile_fsdp_and_resume_once_and_freezes():
+    from hai_medqa.train.config import settle_config
+
+    requested = TrainConfig(resume=True)
+    cpu, profile = settle_config(requested, set(), on_gpu=False, fsdp_version=None, resume=False)
+    assert profile == "plain" and cpu.attn_implementation == "sdpa" and cpu.resume is False
+    assert requested.resume is True and requested.liger_kernel == "auto"  # the request itself is untouched
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cpu.lora_r = 8
+    big, profile = settle_config(TrainConfig(), set(), on_gpu=True, fsdp_version=1, resume=False,
+                                 model_config=EXAONE_78B_LLAMA, gpu_memory_bytes=141 * GIB)
+    assert profile == "fast" and big.gradient_checkpointing is False
+    assert (big.lora_kernel, big.optimizer) == ("peft", "adamw_torch")  # what FSDP-QLoRA needs
+    small, profile = settle_config(TrainConfig(), set(), on_gpu=True, fsdp_version=None, resume=True,
+                                   model_config=EXAONE_78B_LLAMA, gpu_memory_bytes=24 * GIB)
+    assert profile == "lean" and small.gradient_checkpointing is True and small.resume is True
+    with pytest.raises(ConfigError, match="optimizer: 'paged_adamw_8bit' does not work under FSDP"):
+        settle_config(TrainConfig(), {"optimizer"}, on_gpu=True, fsdp_version=1, resume=False)
+
+
+def test_settle_config_docstring_example():
+    import doctest
+
+    from hai_medqa.train import config
+
+    assert doctest.testmod(config, optionflags=doctest.ELLIPSIS).failed == 0
