@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from hai_medqa import chat_format
 from hai_medqa.io_utils import atomic_dir, sha256_file, sha256_text
-from hai_medqa.train.errors import DataError
+from hai_medqa.train.errors import TrainingDataError
 
 IGNORE_INDEX = -100
 """Label value the loss skips (prompt, padding, filler)."""
@@ -94,7 +94,7 @@ def iter_sft_records(path: str | Path, stats: dict[str, Any], *, what: str = "tr
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
+        raise TrainingDataError(f"{what} not found: {path}")
     stats.update(records=0, unusable_records=0, first_problem=None)
     with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
@@ -117,22 +117,22 @@ def iter_sft_records(path: str | Path, stats: dict[str, Any], *, what: str = "tr
 
 def _raise_if_unusable(path: Path, stats: dict[str, Any], n_usable: int, what: str) -> None:
     if stats["records"] == 0:
-        raise DataError(f"{what} is empty: {path} (no records)")
+        raise TrainingDataError(f"{what} is empty: {path} (no records)")
     if n_usable == 0:
-        raise DataError(f"{what} has no usable records: {path} (all {stats['unusable_records']} unusable; "
-                        f"first: {stats['first_problem']})")
+        raise TrainingDataError(f"{what} has no usable records: {path} (all {stats['unusable_records']} unusable; "
+                                f"first: {stats['first_problem']})")
 
 
 def read_sft_records(path: str | Path, *, what: str = "train_file") -> tuple[list[tuple[int, list[dict]]], dict]:
     """All usable (line number, chat messages) of a jsonl file, and the counts.
 
-    Raises DataError (one line) if the file is missing, empty, or has no usable record. A usable
+    Raises TrainingDataError (one line) if the file is missing, empty, or has no usable record. A usable
     record has a non-empty string ``instruction`` and ``output`` (or a ``messages`` list ending in an
     assistant turn); malformed JSON and other records are counted and reported, not fatal.
     """
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
-        raise DataError(f"{what} is empty: {path}")
+        raise TrainingDataError(f"{what} is empty: {path}")
     stats: dict[str, Any] = {}
     out = list(iter_sft_records(path, stats, what=what))
     _raise_if_unusable(path, stats, len(out), what)
@@ -146,12 +146,12 @@ def check_sft_file(path: str | Path | None, *, what: str = "train_file") -> None
     the full pass later.
     """
     if path is None:
-        raise DataError(f"{what} is not set")
+        raise TrainingDataError(f"{what} is not set")
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
+        raise TrainingDataError(f"{what} not found: {path}")
     if path.stat().st_size == 0:
-        raise DataError(f"{what} is empty: {path}")
+        raise TrainingDataError(f"{what} is empty: {path}")
     first_problem = None
     n = 0
     with open(path, encoding="utf-8-sig") as f:
@@ -165,8 +165,8 @@ def check_sft_file(path: str | Path | None, *, what: str = "train_file") -> None
             except (ValueError, chat_format.ChatFormatError) as e:
                 first_problem = first_problem or f"{path}:{lineno}: {e}"
     if n == 0:
-        raise DataError(f"{what} is empty: {path} (no records)")
-    raise DataError(f"{what} has no usable records: {path} (all {n} unusable; first: {first_problem})")
+        raise TrainingDataError(f"{what} is empty: {path} (no records)")
+    raise TrainingDataError(f"{what} has no usable records: {path} (all {n} unusable; first: {first_problem})")
 
 
 def _with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -174,11 +174,6 @@ def _with_system_prompt(messages: list[dict], system_prompt: str | None) -> list
     if system_prompt and messages[0]["role"] != "system":
         return [{"role": "system", "content": system_prompt}, *messages]
     return messages
-
-
-def effective_system_prompt(system_prompt: str | None) -> str:
-    """The system prompt a config value means (chat_format's rule): None -> the default, "" -> none."""
-    return chat_format.resolve_system_prompt(system_prompt)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -220,6 +215,7 @@ def tokenize_records(
     max_length: int,
     overlong: str = "truncate",
     system_prompt: str = chat_format.DEFAULT_SYSTEM_PROMPT,
+    eot_id: int | None = None,
     batch_size: int = 1024,
     desc: str = "tokenising",
 ) -> TokenizedDataset:
@@ -228,11 +224,11 @@ def tokenize_records(
     Over-long samples (prompt + answer > max_length): with ``overlong="truncate"`` the answer is cut
     so the sample fits, its last token staying ``[|endofturn|]``; a prompt that leaves no room for at
     least one answer token is dropped. With ``overlong="drop"`` every over-long sample is dropped.
-    The counts are in ``stats``.
+    The counts are in ``stats``. `eot_id` is the ``[|endofturn|]`` id from
+    `chat_format.apply_tokenizer_rule` (applied here when not given).
     """
-    eot_id = tokenizer.convert_tokens_to_ids(chat_format.EOT)
-    if eot_id is None or eot_id == tokenizer.unk_token_id:
-        raise DataError(f"the tokenizer has no {chat_format.EOT} token; it is not an EXAONE-3.5 tokenizer")
+    if eot_id is None:
+        eot_id = chat_format.apply_tokenizer_rule(tokenizer, source="the tokenizer", repair_template=False).eot_id
     ids_parts: list[np.ndarray] = []
     prompt_lengths: list[int] = []
     lines: list[int] = []
@@ -246,7 +242,7 @@ def tokenize_records(
         answers = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
         for (lineno, _), p_ids, a_ids in zip(chunk, prompts, answers, strict=True):
             if not a_ids or a_ids[-1] != eot_id:
-                raise DataError(f"line {lineno}: the answer does not tokenise to end in {chat_format.EOT}")
+                raise TrainingDataError(f"line {lineno}: the answer does not tokenise to end in {chat_format.EOT}")
             if len(p_ids) + len(a_ids) > max_length:
                 room = max_length - len(p_ids)
                 if overlong == "drop":
@@ -300,15 +296,16 @@ def load_tokenized(
     cache_dir: str | Path,
     max_samples: int | None = None,
     what: str = "train_file",
+    eot_id: int | None = None,
 ) -> TokenizedDataset:
     """Tokenised samples of a jsonl file, from the cache when the same inputs were tokenised before.
 
-    Raises DataError if the file is unusable or if no sample survives the over-length policy.
+    Raises TrainingDataError if the file is unusable or if no sample survives the over-length policy.
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
-    prompt = effective_system_prompt(system_prompt)
+        raise TrainingDataError(f"{what} not found: {path}")
+    prompt = chat_format.resolve_system_prompt(system_prompt)
     data_sha = sha256_file(path)
     key = cache_key(data_sha256=data_sha, tokenizer=tokenizer, max_length=max_length, overlong=overlong,
                     system_prompt=prompt, max_samples=max_samples)
@@ -318,12 +315,13 @@ def load_tokenized(
         logger.info(f"{what}: tokenisation cache hit ({len(ds)} samples) at {folder}")
     else:
         if path.stat().st_size == 0:
-            raise DataError(f"{what} is empty: {path}")
+            raise TrainingDataError(f"{what} is empty: {path}")
         logger.info(f"{what}: tokenising {path}")
         read_stats: dict[str, Any] = {}
         records = iter_sft_records(path, read_stats, what=what)
         ds = tokenize_records(itertools.islice(records, max_samples), tokenizer, max_length=max_length,
-                              overlong=overlong, system_prompt=prompt, desc=f"tokenising {what}")
+                              overlong=overlong, system_prompt=prompt, eot_id=eot_id,
+                              desc=f"tokenising {what}")
         n_usable = len(ds) + ds.stats["dropped_overlong"] + ds.stats["dropped_prompt_too_long"]
         _raise_if_unusable(path, read_stats, n_usable, what)
         ds.stats.update(records=read_stats["records"], unusable_records=read_stats["unusable_records"],
@@ -337,7 +335,7 @@ def load_tokenized(
         f"{max_length}: {s['truncated']} truncated, {s['dropped_overlong'] + s['dropped_prompt_too_long']} dropped"
     )
     if len(ds) == 0:
-        raise DataError(
+        raise TrainingDataError(
             f"{what} has no usable records after applying max_length={max_length} ({overlong}): {path} "
             f"({s['dropped_overlong'] + s['dropped_prompt_too_long']} samples too long)"
         )

@@ -11,7 +11,7 @@ import pytest
 
 from hai_medqa.config import load_config
 from hai_medqa.train.config import TrainConfig
-from hai_medqa.train.errors import DataError, TrainingError
+from hai_medqa.train.errors import TrainingDataError, TrainingError
 from hai_medqa.train.trainer import run_training
 
 GOOD = {"instruction": "두통 예방법은?", "output": "규칙적인 수면이 도움이 됩니다."}
@@ -50,7 +50,7 @@ def cfg_for(repo_root, tmp_path, **overrides):
      r"val_file has no usable records: .*val\.jsonl .*'output' must be a non-empty string"),
 ])
 def test_bad_data_fails_before_any_model(repo_root, tmp_path, no_model, setup, message):
-    with pytest.raises(DataError, match=message) as e:
+    with pytest.raises(TrainingDataError, match=message) as e:
         run_training(*cfg_for(repo_root, tmp_path, **setup(tmp_path)))
     assert "\n" not in str(e.value)
 
@@ -61,7 +61,7 @@ def test_val_file_with_nothing_usable_after_tokenising_fails_before_the_model_lo
 
     monkeypatch.setattr(load, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded before the data error"))
     long_answer = {"instruction": "당뇨병 식단?", "output": "채소와 통곡물을 드세요. " * 80}
-    with pytest.raises(DataError, match=r"val_file has no usable records after applying max_length=64 \(drop\)"):
+    with pytest.raises(TrainingDataError, match=r"val_file has no usable records after applying max_length=64 \(drop\)"):
         run_training(*cfg_for(repo_root, tmp_path, model=str(tiny_exaone_dir), max_length="64", overlong="drop",
                               system_prompt="",
                               train_file=str(write_jsonl(tmp_path / "t.jsonl", [GOOD] * 2)),

@@ -141,7 +141,7 @@ def test_evaluation_does_not_change_training_gradients(make_cfg, sample_jsonl, t
     trainer = Trainer(cfg, explicit)
     trainer.setup()
     batch = trainer.collate(trainer.train_ds, [0, 1])
-    n = torch.tensor(float(trainer._loss_tokens(trainer.train_ds, [[0, 1]])))
+    n = torch.tensor(float(trainer.answer_tokens(trainer.train_ds, [[0, 1]])))
 
     def grads():
         trainer.model.train()

@@ -9,7 +9,7 @@ import pytest
 
 from hai_medqa import chat_format
 from hai_medqa.train import sft_data
-from hai_medqa.train.errors import DataError
+from hai_medqa.train.errors import TrainingDataError
 from hai_medqa.train.sft_data import (
     IGNORE_INDEX,
     check_sft_file,
@@ -118,7 +118,7 @@ def test_bad_files_give_one_clear_error(tmp_path, rows, message):
     if rows is not None:
         write_jsonl(path, rows) if rows else path.write_bytes(b"")
     for check in (lambda: check_sft_file(path), lambda: read_sft_records(path)):
-        with pytest.raises(DataError, match=message) as e:
+        with pytest.raises(TrainingDataError, match=message) as e:
             check()
         assert "\n" not in str(e.value)
 
@@ -132,6 +132,6 @@ def test_unusable_records_are_skipped_and_counted(tmp_path, tokenizer):
 
 def test_val_file_with_nothing_left_after_max_length(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "val.jsonl", RECORDS[:2])
-    with pytest.raises(DataError, match=r"val_file has no usable records after applying max_length=8 \(drop\)"):
+    with pytest.raises(TrainingDataError, match=r"val_file has no usable records after applying max_length=8 \(drop\)"):
         load_tokenized(path, tokenizer, max_length=8, overlong="drop", system_prompt=None,
                        cache_dir=tmp_path / "c", what="val_file")

@@ -1,0 +1,273 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped, behind two calls.
+
+    folder = checkpoint.save(run_dir, state, model=m, optimizer=o, scheduler=s, runtime=rt, keep=3)
+    state = checkpoint.restore(run_dir, model=m, optimizer=o, scheduler=s, runtime=rt, seed=cfg.seed)
+
+A checkpoint, ``run_folder.checkpoint_dir(RUN, step)``, holds the LoRA adapter (PEFT's files),
+``optimizer.pt``, ``scheduler.pt``, one ``rng_state_<rank>.pt`` per process and ``trainer_state.json``
+(TrainState plus the process count). It is written atomically, by rank 0, after every process has
+put down its RNG state; under FSDP the adapter and the optimizer state are first gathered on rank 0
+(collectives: every process calls `save`). Only the newest `keep` checkpoints stay.
+
+Resuming, in the order the trainer calls them: `decide_resume` (before anything heavy),
+`check_resumable` (same recipe, same data, same micro-batches per step), `load_adapter_weights`
+(into the model before any FSDP/DDP wrapping), `restore` (optimizer, scheduler, RNG, progress).
+The same checkpoint resumes on another number of processes when the global batch is the same.
+
+`save_adapter` writes the adapter folders other stages read (adapter_best/, adapter_last/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+
+from hai_medqa.config import config_to_dict, read_yaml_mapping
+from hai_medqa.io_utils import atomic_dir, atomic_path, sha256_file, write_json
+from hai_medqa.run_folder import (
+    CHECKPOINTS_DIR,
+    RESOLVED_CONFIG,
+    RUN_INFO,
+    TRAINER_STATE,
+    TrainingRecord,
+    checkpoint_dir,
+    list_checkpoints,
+    write_training_record,
+)
+from hai_medqa.train.errors import TrainingError
+
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng_state_{rank}.pt"
+
+RESUME_MAY_CHANGE = {"resume", "cache_dir", "logging_steps", "save_steps", "save_total_limit", "tensorboard",
+                     "eval_steps", "early_stopping_patience", "early_stopping_min_delta", "output_dir",
+                     "max_eval_samples", "train_file", "val_file", "model"}
+"""Keys that may differ between a checkpointed run and its resumption without changing the result."""
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that a checkpoint must restore (besides weights, optimizer, RNG)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    """Optimizer steps already taken in `epoch` (the data position)."""
+    tokens_seen: int = 0
+    loss_tokens_seen: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    train_seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- the two calls
+def save(run_dir: str | Path, state: TrainState, *, model: Any, optimizer: Any, scheduler: Any, runtime: Any,
+         keep: int) -> Path:
+    """Adapter weights, optimizer, scheduler, every process's RNG state and `state`, written
+    atomically; then only the newest `keep` checkpoints are kept. Every process calls it."""
+    run_dir = Path(run_dir)
+    folder = checkpoint_dir(run_dir, state.global_step)
+    # Every process puts down its own RNG state; rank 0 writes the rest.
+    rng_dir = run_dir / CHECKPOINTS_DIR / f".rng_{state.global_step:07d}"
+    rng_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(rng_dir / RNG_FILE.format(rank=runtime.rank)) as tmp:
+        torch.save(capture_rng(), tmp)
+    runtime.wait_for_everyone()
+    state_dict, optim_state = gathered_state_dict(model, runtime), gathered_optimizer_state(model, optimizer, runtime)
+    if runtime.is_main:
+        with atomic_dir(folder) as tmp:
+            runtime.accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True,
+                                                                    state_dict=state_dict)
+            torch.save(optim_state, tmp / OPTIMIZER_FILE)
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            for f in sorted(rng_dir.iterdir()):
+                shutil.copy2(f, tmp / f.name)
+            write_json(tmp / TRAINER_STATE, {**dataclasses.asdict(state), "world_size": runtime.world_size})
+        shutil.rmtree(rng_dir, ignore_errors=True)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info(f"checkpoint saved: {folder}")
+    runtime.wait_for_everyone()
+    return folder
+
+
+def restore(run_dir: str | Path, *, model: Any, optimizer: Any, scheduler: Any, runtime: Any, seed: int) -> TrainState:
+    """Load the newest checkpoint's optimizer, scheduler, this process's RNG state and progress (its
+    adapter weights went into the model before wrapping: `load_adapter_weights`). A process the
+    checkpointing run did not have is seeded as a fresh run would seed it."""
+    ckpt = list_checkpoints(run_dir)[-1]
+    saved = json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))
+    saved.pop("world_size", None)  # another process count is fine when the global batch is (check_resumable)
+    optim_state = torch.load(ckpt / OPTIMIZER_FILE, map_location=runtime.device, weights_only=True)
+    if runtime.fsdp_version is not None:  # the saved state is whole; give each rank its shard
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(),
+                                  FullOptimStateDictConfig(rank0_only=False)):
+            optim_state = FSDP.optim_state_dict_to_load(model, optimizer, optim_state)
+    optimizer.load_state_dict(optim_state)
+    scheduler.load_state_dict(torch.load(ckpt / SCHEDULER_FILE, weights_only=True))
+    state = TrainState(**saved)
+    rng_file = ckpt / RNG_FILE.format(rank=runtime.rank)
+    if rng_file.is_file():
+        restore_rng(torch.load(rng_file, weights_only=True))
+    else:
+        seed_everything(seed + runtime.rank)
+    logger.info(f"resumed from {ckpt} at step {state.global_step} (epoch {state.epoch}, "
+                f"step {state.step_in_epoch} of that epoch)")
+    return state
+
+
+# ---------------------------------------------------------------- resume checks
+def decide_resume(run_dir: str | Path, resume: bool) -> bool:
+    """Whether the run resumes: `resume` with nothing to resume starts afresh (with a warning); a run
+    folder holding checkpoints without `resume` is refused (a fresh start would clobber it)."""
+    ckpts = list_checkpoints(run_dir)
+    if resume and not ckpts:
+        logger.warning(f"--resume: no checkpoint in {Path(run_dir) / CHECKPOINTS_DIR}; starting from scratch")
+        return False
+    if not resume and ckpts:
+        raise TrainingError(f"{run_dir} already holds checkpoints ({ckpts[-1].name}); pass --resume to "
+                            "continue that run, or choose a new --output-dir")
+    return resume
+
+
+def check_resumable(run_dir: str | Path, cfg: Any, world_size: int) -> None:
+    """Refuse (TrainingError, with the fix) to resume with another recipe, another training file or
+    another number of micro-batches per optimizer step than the checkpointed run's."""
+    run_dir = Path(run_dir)
+    saved_path = run_dir / RESOLVED_CONFIG
+    if not saved_path.is_file():
+        return
+    saved = read_yaml_mapping(saved_path)
+    now = config_to_dict(cfg)
+    _check_global_batch(run_dir, saved.get("gradient_accumulation_steps", cfg.gradient_accumulation_steps),
+                        cfg.gradient_accumulation_steps, world_size)
+    changed = [k for k in now if k not in RESUME_MAY_CHANGE | {"gradient_accumulation_steps"}
+               and k in saved and saved[k] != now[k]]
+    if changed:
+        k = changed[0]
+        raise TrainingError(
+            f"--resume: the config differs from the checkpointed run in {', '.join(changed)} "
+            f"(e.g. {k}: {saved[k]!r} -> {now[k]!r}); use the original values or a new --output-dir"
+        )
+    # The file may have moved (its path may change); its content may not: the saved data position
+    # indexes into it.
+    info_path = run_dir / RUN_INFO
+    if info_path.is_file():
+        recorded = json.loads(info_path.read_text(encoding="utf-8")).get("data", {}).get("train_file", {})
+        if recorded.get("sha256") and recorded["sha256"] != sha256_file(cfg.train_file):
+            raise TrainingError(f"--resume: {cfg.train_file} is not the file the checkpointed run trained on "
+                                f"(SHA-256 differs from run_info.json); resume with that file or use a new "
+                                "--output-dir")
+
+
+def _check_global_batch(run_dir: Path, saved_accumulation: int, accumulation: int, world_size: int) -> None:
+    """A checkpoint resumes on any number of processes that keeps the micro-batches per optimizer
+    step (gradient_accumulation_steps x processes): the steps, their order and the schedule are
+    then the same (packing.group_into_steps)."""
+    ckpt = list_checkpoints(run_dir)[-1]
+    saved_world = json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8")).get("world_size", 1)
+    saved_global = saved_accumulation * saved_world
+    now_global = accumulation * world_size
+    if saved_global == now_global:
+        if saved_world != world_size:
+            logger.info(f"--resume: {ckpt.name} was written by {saved_world} process(es), continuing on "
+                        f"{world_size} with gradient_accumulation_steps {accumulation} "
+                        f"(same {now_global} micro-batches per step)")
+        return
+    hint = (f"set --gradient-accumulation-steps {saved_global // world_size}" if saved_global % world_size == 0
+            else f"use a number of processes that divides {saved_global}")
+    raise TrainingError(f"--resume: {ckpt.name} took {saved_global} micro-batches per optimizer step "
+                        f"(gradient_accumulation_steps {saved_accumulation} x {saved_world} process(es)), this run "
+                        f"{now_global} ({accumulation} x {world_size}); {hint} to "
+                        "keep the steps and the schedule")
+
+
+def load_adapter_weights(model: Any, run_dir: str | Path, device: torch.device) -> Path:
+    """Load the newest checkpoint's LoRA weights into `model` (before any wrapping: FSDP would hold
+    only a shard of each weight); return that checkpoint."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    ckpt = list_checkpoints(run_dir)[-1]
+    set_peft_model_state_dict(model, load_peft_weights(str(ckpt), device=str(device)))
+    return ckpt
+
+
+# ---------------------------------------------------------------- adapters
+def save_adapter(folder: str | Path, *, model: Any, tokenizer: Any, record: TrainingRecord, runtime: Any) -> Path:
+    """Write a standard PEFT adapter folder with the tokenizer (and its chat template) and the
+    training record beside it (rank 0 writes; every process calls it)."""
+    folder = Path(folder)
+    state_dict = gathered_state_dict(model, runtime)
+    if runtime.is_main:
+        with atomic_dir(folder) as tmp:
+            runtime.accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True,
+                                                                    state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            write_training_record(tmp, record)
+    runtime.wait_for_everyone()
+    return folder
+
+
+# ---------------------------------------------------------------- FSDP gathering
+def gathered_state_dict(model: Any, runtime: Any) -> dict[str, torch.Tensor] | None:
+    """Under FSDP the whole model's state dict on rank 0 (a collective: every rank must call it;
+    PEFT keeps the adapter's part), else None (each process holds the whole adapter)."""
+    if runtime.fsdp_version is None:
+        return None
+    return runtime.accelerator.get_state_dict(model)
+
+
+def gathered_optimizer_state(model: Any, optimizer: Any, runtime: Any) -> dict[str, Any]:
+    """The optimizer state with every shard gathered on rank 0 (a collective under FSDP)."""
+    if runtime.fsdp_version is None:
+        return optimizer.state_dict()
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
+                              FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+        return FSDP.optim_state_dict(model, optimizer)
+
+
+# ---------------------------------------------------------------- random number generators
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng() -> dict[str, Any]:
+    """The state of every global generator (Python, NumPy, torch CPU, every CUDA device)."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Put back the generator states of `capture_rng`."""
+    random.setstate(rng["python"])
+    np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy(), *rng["numpy"][2:]))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])

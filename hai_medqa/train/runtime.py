@@ -1,0 +1,58 @@
+"""Where a run executes: one CPU, one GPU, or one of several processes under ``accelerate launch``.
+
+Every process trains on its own share of each step's micro-batches (packing.group_into_steps); only
+rank 0 (`is_main`) logs and writes files. FSDP comes from ``accelerate launch --config_file
+configs/accelerate/fsdp_qlora.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The process's place in the run and its device."""
+
+    accelerator: Any
+    device: torch.device
+    rank: int
+    world_size: int
+    is_main: bool
+    fsdp_version: int | None
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def wait_for_everyone(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def any_process(self, flag: bool) -> bool:
+        """True on every process when `flag` is true on any (a collective: all processes call it)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor(1.0 if flag else 0.0, device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="sum") > 0)
+
+
+def detect_runtime() -> Runtime:
+    """The Runtime of this process (accelerate's state: a plain process is rank 0 of 1)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    # cpu=True when there is no GPU: accelerate only forms a multi-process (gloo) group on CPU if told
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    fsdp_version = (accelerator.state.fsdp_plugin.fsdp_version
+                    if accelerator.distributed_type == DistributedType.FSDP else None)
+    device = accelerator.device
+    if device.type == "cuda" and device.index is None:  # one GPU: accelerate says plain "cuda"
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type == "cpu":  # gloo ranks get "cpu:N", which torch.load and safetensors reject
+        device = torch.device("cpu")
+    return Runtime(accelerator=accelerator, device=device, rank=accelerator.process_index,
+                   world_size=accelerator.num_processes, is_main=accelerator.is_main_process,
+                   fsdp_version=fsdp_version)

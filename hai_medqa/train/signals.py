@@ -1,0 +1,53 @@
+"""SIGINT/SIGTERM during training: finish the step, save a checkpoint, exit with EXIT_INTERRUPTED.
+
+    with StopSignals() as stop:
+        ...
+        if stop.requested(runtime):   # every process stops at the same step boundary
+            save; return "interrupted"
+
+A second Ctrl-C raises KeyboardInterrupt at once (abort without saving). The previous handlers come
+back when the block ends. Outside the main thread (no handlers can be set) nothing is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Any
+
+from loguru import logger
+
+EXIT_INTERRUPTED = 75
+"""Exit code after a SIGINT/SIGTERM checkpoint (EX_TEMPFAIL: "try again", i.e. run with --resume)."""
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """Records SIGINT/SIGTERM instead of dying mid-step (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in _SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread: leave handlers alone
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.received = signum
+        logger.warning(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting "
+                       "(Ctrl-C again to abort without saving)")
+
+    def requested(self, runtime: Any) -> bool:
+        """Whether any process received a signal (a collective under several processes)."""
+        return runtime.any_process(self.received is not None)
