@@ -11,7 +11,8 @@ See `python chat.py --help` and hai_medqa/inference/.
 
 import sys
 
-from hai_medqa.inference.chat_cli import cli
+from hai_medqa.cli import run_cli
+from hai_medqa.inference.chat_cli import main
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_cli(main))

@@ -11,7 +11,8 @@ Metrics and their pitfalls: docs/evaluation.md.
 
 import sys
 
-from hai_medqa.evaluation.cli import cli
+from hai_medqa.cli import run_cli
+from hai_medqa.evaluation.cli import main
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_cli(main))
