@@ -1,18 +1,33 @@
 """Safety layer for chat: emergency (119) and self-harm (109 / 1577-0199) routing, plus a disclaimer.
 
-The keyword rules live in ONE data file, ``safety_keywords.json`` beside this module (see its
-``_about`` for the matching rules). The layer looks at the user's message only; what it adds is
-presentation: guidance before the model's text, a short disclaimer after it. The model's own text is
-kept separately (chat history and evaluation use that), so the safety text never leaks into the
-next turn's prompt or into metrics.
+The rules live in ONE data file, ``safety_keywords.json`` beside this module (its ``_about`` explains
+the rule language). What the layer reads is the conversation: the last ``window_user_turns`` user
+messages (assistant turns are never read), so "가슴이 조여요" followed by "그리고 숨 쉬기도 힘들어요"
+fires like the two sentences in one message. Each message is matched in two views:
+
+- the *text* view: NFKC, lower-case, all whitespace removed ("숨 쉬기" and "숨쉬기" match alike);
+- the *lemma* view (patterns written ``lemma:...``): the kiwipiepy morphemes, predicates as their
+  dictionary form, e.g. "숨도 안 쉬어져요" -> `` 숨 도 안 쉬다 어 지다 어요 `` (English words stay
+  words), so one pattern covers every inflection of 쉬다 / 조이다 / 쓰러지다.
+
+A rule fires at the latest turn when its patterns are found in the window AND the latest message
+itself matches at least one of them (so a notice is shown when a message completes the picture, not
+again on every later turn). A rule marked ``suppress_answer`` (requests for self-harm methods) makes
+the caller show only the guidance and no model answer.
+
+What the layer adds is presentation: guidance before the model's text, a short disclaimer after it.
+The model's own text is kept separately (chat history and evaluation use that), so the safety text
+never leaks into the next turn's prompt or into metrics. kiwipiepy is loaded once per process, on
+first use (a few seconds); every message's analysis is cached.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +35,16 @@ from typing import Any
 from hai_medqa.errors import HaiMedQAError
 
 DEFAULT_RULES_PATH = Path(__file__).with_name("safety_keywords.json")
+DEFAULT_WINDOW_USER_TURNS = 3
+LEMMA_PREFIX = "lemma:"
 _TERM_REF = re.compile(r"@\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _WHITESPACE = re.compile(r"\s+")
+# kiwipiepy tags left out of the lemma view: punctuation and symbols (incl. emoticons such as ㅠㅠ).
+_DROPPED_TAGS = frozenset({"SF", "SP", "SS", "SSO", "SSC", "SE", "SO", "SW", "SB", "UN", "W_EMOJI"})
+# kiwipiepy writes some endings as final-consonant jamo (U+11xx, e.g. the ETM in "쉴 수"); the view
+# uses the compatibility jamo a rule writer types (ㄴ ㄹ ㅁ ㅂ).
+_JONGSEONG = str.maketrans({"\u11ab": "ㄴ", "\u11af": "ㄹ", "\u11b7": "ㅁ", "\u11b8": "ㅂ", "\u11bb": "ㅆ"})
+_ROLE_USER = "user"
 
 
 class SafetyConfigError(HaiMedQAError, ValueError):
@@ -30,36 +53,115 @@ class SafetyConfigError(HaiMedQAError, ValueError):
 
 @dataclass(frozen=True)
 class SafetyHit:
-    """One rule that fired: its category (``emergency`` / ``self_harm``), rule name and matched text."""
+    """One rule that fired: category (``emergency`` / ``self_harm``), rule name, matched text, and
+    whether the rule withholds the model's answer (requests for self-harm methods)."""
 
     category: str
     rule: str
     matched: str
+    suppress_answer: bool = False
+
+
+@dataclass(frozen=True)
+class SafetyVerdict:
+    """What to show for the latest user turn.
+
+    ``notice``: guidance to print BEFORE the answer ('' if nothing fired); ``suppress_answer``: show
+    no model answer at all, only ``notice`` and ``withheld`` (the rules file's ``withheld_answer``).
+    """
+
+    hits: tuple[SafetyHit, ...]
+    categories: tuple[str, ...]
+    notice: str
+    suppress_answer: bool
+    withheld: str = ""
+
+
+def normalize_for_matching(text: str) -> str:
+    """NFKC, lower-case, and drop all whitespace, so spacing variants of Korean phrases match alike."""
+    return _WHITESPACE.sub("", unicodedata.normalize("NFKC", text).lower())
+
+
+@functools.lru_cache(maxsize=1)
+def _kiwi():
+    # A few seconds and ~100 MB: once per process, and only when a lemma pattern is first used.
+    # The model ships in the kiwipiepy_model wheel, so this never touches the network.
+    from kiwipiepy import Kiwi
+
+    return Kiwi()
+
+
+@functools.lru_cache(maxsize=4096)
+def lemma_view(text: str) -> str:
+    """The lemma view of `text`: space-separated morphemes, predicates in dictionary form (쉬다),
+    punctuation dropped, lower-case, padded with one space on each side (patterns match whole tokens
+    by writing `` 숨 `` with spaces)."""
+    text = unicodedata.normalize("NFKC", text or "")
+    if not text.strip():
+        return " "
+    tokens = []
+    for tok in _kiwi().tokenize(text):
+        if tok.tag in _DROPPED_TAGS:
+            continue
+        word = tok.lemma if tok.tag.startswith("V") else tok.form
+        tokens.append(word.translate(_JONGSEONG).lower())
+    return " " + " ".join(tokens) + " "
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    lemma: bool
+    regex: re.Pattern
+
+    def search(self, turn: _Turn) -> str | None:
+        m = self.regex.search(turn.lemma if self.lemma else turn.text)
+        return None if m is None else m.group(0).strip()
+
+
+class _Turn:
+    """One user message, its text view now and its lemma view on first use."""
+
+    def __init__(self, content: str):
+        self.content = content
+        self.text = normalize_for_matching(content)
+
+    @functools.cached_property
+    def lemma(self) -> str:
+        return lemma_view(self.content)
 
 
 @dataclass(frozen=True)
 class _Rule:
     name: str
-    all_of: tuple[re.Pattern, ...]
-    any_of: tuple[re.Pattern, ...]
+    all_of: tuple[tuple[_Pattern, ...], ...]  # every group must match (each group: alternatives)
+    any_of: tuple[_Pattern, ...]
+    none_of: tuple[_Pattern, ...]  # a turn matching one of these cannot contribute to this rule
+    suppress_answer: bool
 
-    def match(self, text: str) -> str | None:
-        """Return the first matched snippet if the rule fires on normalised `text`, else None."""
-        snippets = []
-        for pat in self.all_of:
-            m = pat.search(text)
-            if m is None:
-                return None
-            snippets.append(m.group(0))
-        if self.any_of:
-            for pat in self.any_of:
-                m = pat.search(text)
-                if m is not None:
-                    snippets.append(m.group(0))
+    def match(self, turns: Sequence[_Turn]) -> str | None:
+        """Matched snippets if the rule fires at the last of `turns` (the window), else None."""
+        usable = [t for t in turns if not any(p.search(t) is not None for p in self.none_of)]
+        if not usable:
+            return None
+        groups = list(self.all_of) + ([self.any_of] if self.any_of else [])
+        snippets: list[str] = []
+        latest_contributes = False
+        for group in groups:
+            found = None
+            for turn in reversed(usable):  # prefer the latest turn's match
+                for pat in group:
+                    snippet = pat.search(turn)
+                    if snippet is not None:
+                        found = snippet
+                        if turn is turns[-1]:
+                            latest_contributes = True
+                        break
+                if found is not None:
                     break
-            else:
+            if found is None:
                 return None
-        return " + ".join(snippets)
+            snippets.append(found)
+        return " + ".join(snippets) if latest_contributes else None
 
 
 @dataclass(frozen=True)
@@ -67,11 +169,6 @@ class _Category:
     name: str
     message: str
     rules: tuple[_Rule, ...] = field(default_factory=tuple)
-
-
-def normalize_for_matching(text: str) -> str:
-    """NFKC, lower-case, and drop all whitespace, so spacing variants of Korean phrases match alike."""
-    return _WHITESPACE.sub("", unicodedata.normalize("NFKC", text).lower())
 
 
 def _expand_terms(terms: dict[str, str], where: Path) -> dict[str, str]:
@@ -94,30 +191,75 @@ def _substitute(pattern: str, terms: dict[str, str], where: Path, context: str) 
     return _TERM_REF.sub(repl, pattern)
 
 
-def _compile(pattern: Any, terms: dict[str, str], where: Path, context: str) -> re.Pattern:
+def _compile(pattern: Any, terms: dict[str, str], where: Path, context: str) -> _Pattern:
     if not isinstance(pattern, str) or not pattern:
         raise SafetyConfigError(f"{where}: {context} must be a non-empty string regex")
-    expanded = _substitute(pattern, terms, where, context)
+    lemma = pattern.startswith(LEMMA_PREFIX)
+    body = pattern[len(LEMMA_PREFIX):] if lemma else pattern
+    if not body:
+        raise SafetyConfigError(f"{where}: {context} has an empty regex after {LEMMA_PREFIX!r}")
+    expanded = _substitute(body, terms, where, context)
     try:
-        return re.compile(expanded)
+        return _Pattern(lemma, re.compile(expanded))
     except re.error as e:
         raise SafetyConfigError(f"{where}: {context} is not a valid regex ({e})") from None
 
 
-class SafetyLayer:
-    """Route user messages to emergency / self-harm guidance and add the disclaimer to answers.
+def _compile_rule(rule: Any, ri: int, category: str, terms: dict[str, str], path: Path) -> _Rule:
+    rname = rule.get("name", f"rule{ri}") if isinstance(rule, dict) else f"rule{ri}"
+    ctx = f"{category}.{rname}"
+    if not isinstance(rule, dict) or not (rule.get("all") or rule.get("any")):
+        raise SafetyConfigError(f"{path}: rule {ctx} needs an 'all' or 'any' list of regexes")
+    unknown = set(rule) - {"name", "all", "any", "none", "suppress_answer", "note"}
+    if unknown:
+        raise SafetyConfigError(f"{path}: rule {ctx} has unknown keys {sorted(unknown)}")
+    for key in ("all", "any", "none"):
+        if not isinstance(rule.get(key) or [], list):
+            raise SafetyConfigError(f"{path}: rule {ctx}.{key} must be a list")
+    all_of = []
+    for i, entry in enumerate(rule.get("all") or []):
+        # an 'all' entry is one regex or a list of alternatives (e.g. a text and a lemma pattern)
+        alternatives = entry if isinstance(entry, list) else [entry]
+        if not alternatives:
+            raise SafetyConfigError(f"{path}: {ctx}.all[{i}] is an empty list")
+        all_of.append(tuple(_compile(p, terms, path, f"{ctx}.all[{i}]") for p in alternatives))
+    any_of = tuple(_compile(p, terms, path, f"{ctx}.any[{i}]") for i, p in enumerate(rule.get("any") or []))
+    none_of = tuple(_compile(p, terms, path, f"{ctx}.none[{i}]") for i, p in enumerate(rule.get("none") or []))
+    suppress = rule.get("suppress_answer", False)
+    if not isinstance(suppress, bool):
+        raise SafetyConfigError(f"{path}: rule {ctx}.suppress_answer must be true or false")
+    return _Rule(rname, tuple(all_of), any_of, none_of, suppress)
 
-    ``enabled=False`` makes every method a pass-through (for evaluation), so callers need no
-    branches of their own.
+
+def _user_turns(conversation: str | Sequence[Mapping[str, Any]]) -> list[str]:
+    """The user messages of `conversation` (a plain string is one user message)."""
+    if isinstance(conversation, str):
+        return [conversation]
+    turns = []
+    for message in conversation:
+        if not isinstance(message, Mapping):
+            raise TypeError(f"a conversation is a list of {{'role', 'content'}} messages, got {type(message).__name__}")
+        if message.get("role") == _ROLE_USER and isinstance(message.get("content"), str):
+            turns.append(message["content"])
+    return turns
+
+
+class SafetyLayer:
+    """Route conversations to emergency / self-harm guidance and add the disclaimer to answers.
+
+    Every method takes either one user message (a string) or a conversation (a list of
+    ``{"role", "content"}`` messages; only the last ``window_user_turns`` user messages are read,
+    and the verdict is about the latest one). ``enabled=False`` makes every method a pass-through
+    (for evaluation), so callers need no branches of their own.
     """
 
     def __init__(self, rules_path: str | Path | None = None, *, enabled: bool = True):
         self.enabled = enabled
         self.rules_path = Path(rules_path) if rules_path is not None else DEFAULT_RULES_PATH
-        self.categories, self.disclaimer = self._load(self.rules_path)
+        self.categories, self.disclaimer, self.withheld_answer, self.window_user_turns = self._load(self.rules_path)
 
     @staticmethod
-    def _load(path: Path) -> tuple[tuple[_Category, ...], str]:
+    def _load(path: Path) -> tuple[tuple[_Category, ...], str, str, int]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -127,9 +269,15 @@ class SafetyLayer:
         if not isinstance(data, dict):
             raise SafetyConfigError(f"{path}: top level must be a JSON object")
         terms = _expand_terms(data.get("terms", {}) or {}, path)
-        disclaimer = data.get("disclaimer")
-        if not isinstance(disclaimer, str) or not disclaimer.strip():
-            raise SafetyConfigError(f"{path}: 'disclaimer' must be a non-empty string")
+        texts = {}
+        for key in ("disclaimer", "withheld_answer"):
+            value = data.get(key)
+            if not isinstance(value, str) or not value.strip():
+                raise SafetyConfigError(f"{path}: {key!r} must be a non-empty string")
+            texts[key] = value.strip()
+        window = data.get("window_user_turns", DEFAULT_WINDOW_USER_TURNS)
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise SafetyConfigError(f"{path}: 'window_user_turns' must be a positive integer, got {window!r}")
         raw_categories = data.get("categories")
         if not isinstance(raw_categories, list) or not raw_categories:
             raise SafetyConfigError(f"{path}: 'categories' must be a non-empty list")
@@ -141,52 +289,50 @@ class SafetyLayer:
             message = cat.get("message")
             if not isinstance(message, str) or not message.strip():
                 raise SafetyConfigError(f"{path}: category {name!r} needs a non-empty 'message'")
-            rules = []
-            for ri, rule in enumerate(cat.get("rules") or []):
-                rname = rule.get("name", f"rule{ri}") if isinstance(rule, dict) else f"rule{ri}"
-                ctx = f"{name}.{rname}"
-                if not isinstance(rule, dict) or not (rule.get("all") or rule.get("any")):
-                    raise SafetyConfigError(f"{path}: rule {ctx} needs an 'all' or 'any' list of regexes")
-                unknown = set(rule) - {"name", "all", "any"}
-                if unknown:
-                    raise SafetyConfigError(f"{path}: rule {ctx} has unknown keys {sorted(unknown)}")
-                all_of = tuple(_compile(p, terms, path, f"{ctx}.all[{i}]") for i, p in enumerate(rule.get("all") or []))
-                any_of = tuple(_compile(p, terms, path, f"{ctx}.any[{i}]") for i, p in enumerate(rule.get("any") or []))
-                rules.append(_Rule(rname, all_of, any_of))
+            rules = tuple(_compile_rule(rule, ri, name, terms, path) for ri, rule in enumerate(cat.get("rules") or []))
             if not rules:
                 raise SafetyConfigError(f"{path}: category {name!r} has no rules")
-            categories.append(_Category(name, message.strip(), tuple(rules)))
-        return tuple(categories), disclaimer.strip()
+            categories.append(_Category(name, message.strip(), rules))
+        return tuple(categories), texts["disclaimer"], texts["withheld_answer"], window
 
     @property
     def category_names(self) -> list[str]:
         """Category names in file order (e.g. ``['emergency', 'self_harm']``)."""
         return [c.name for c in self.categories]
 
-    def check(self, text: str) -> list[SafetyHit]:
-        """Every rule that fires on `text` (all categories, file order). Empty when disabled."""
-        if not self.enabled or not text:
+    def check(self, conversation: str | Sequence[Mapping[str, Any]]) -> list[SafetyHit]:
+        """Every rule that fires at the latest user turn (all categories, file order). Empty when disabled."""
+        if not self.enabled:
             return []
-        norm = normalize_for_matching(text)
+        turns = [_Turn(t) for t in _user_turns(conversation)[-self.window_user_turns:] if t.strip()]
+        if not turns or not _user_turns(conversation)[-1].strip():
+            return []
         hits = []
         for cat in self.categories:
             for rule in cat.rules:
-                snippet = rule.match(norm)
+                snippet = rule.match(turns)
                 if snippet is not None:
-                    hits.append(SafetyHit(cat.name, rule.name, snippet))
+                    hits.append(SafetyHit(cat.name, rule.name, snippet, rule.suppress_answer))
         return hits
 
-    def categories_hit(self, text: str) -> list[str]:
-        """Names of the categories that fire on `text`, in file order, each once."""
-        seen: list[str] = []
-        for hit in self.check(text):
-            if hit.category not in seen:
-                seen.append(hit.category)
-        return seen
+    def assess(self, conversation: str | Sequence[Mapping[str, Any]]) -> SafetyVerdict:
+        """The one call a chat front end needs: what to show for the latest user turn of `conversation`."""
+        hits = tuple(self.check(conversation))
+        categories = tuple(c.name for c in self.categories if any(h.category == c.name for h in hits))
+        suppress = any(h.suppress_answer for h in hits)
+        return SafetyVerdict(hits, categories, self.notices(hits), suppress, self.withheld_answer if suppress else "")
 
-    def notices(self, text_or_hits: str | Iterable[SafetyHit]) -> str:
+    def categories_hit(self, conversation: str | Sequence[Mapping[str, Any]]) -> list[str]:
+        """Names of the categories that fire, in file order, each once."""
+        return list(self.assess(conversation).categories)
+
+    def notices(self, conversation_or_hits: str | Sequence[Mapping[str, Any]] | Iterable[SafetyHit]) -> str:
         """Guidance to show BEFORE the model's answer ('' if nothing fires or the layer is off)."""
-        hits = self.check(text_or_hits) if isinstance(text_or_hits, str) else list(text_or_hits)
+        if isinstance(conversation_or_hits, str):
+            hits = self.check(conversation_or_hits)
+        else:
+            items = list(conversation_or_hits)
+            hits = items if all(isinstance(h, SafetyHit) for h in items) else self.check(items)
         fired = {h.category for h in hits}
         return "\n".join(c.message for c in self.categories if c.name in fired)
 
@@ -196,10 +342,13 @@ class SafetyLayer:
             return answer
         return f"{answer.rstrip()}\n\n{self.disclaimer}"
 
-    def wrap(self, user_text: str, answer: str) -> str:
-        """Full text shown to a user: guidance (if any), the model's answer, the disclaimer."""
+    def wrap(self, conversation: str | Sequence[Mapping[str, Any]], answer: str) -> str:
+        """Full text shown to a user: guidance (if any), the model's answer, the disclaimer - or, for a
+        request the rules withhold, the guidance and the withheld-answer line only."""
         if not self.enabled:
             return answer
-        notice = self.notices(user_text)
+        verdict = self.assess(conversation)
+        if verdict.suppress_answer:
+            return f"{verdict.notice}\n\n{verdict.withheld}"
         body = self.finalize(answer)
-        return f"{notice}\n\n{body}" if notice else body
+        return f"{verdict.notice}\n\n{body}" if verdict.notice else body
