@@ -448,8 +448,7 @@ def ensure_llama_checkpoint(path: str | Path, *, source_id: str | None = None, n
     return convert_exaone_to_llama(folder, target, overwrite=True, source_id=key)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: convert a checkpoint folder between EXAONE-3.5 and Llama layouts (direction detected)."""
+def _main(argv: list[str] | None = None) -> int:
     from hai_medqa.logging_setup import setup_logging
 
     p = argparse.ArgumentParser(
@@ -463,18 +462,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty dst")
     args = p.parse_args(argv)
     setup_logging()
-    try:
-        layout = detect_layout(read_config(args.src), str(Path(args.src) / "config.json"))
-        if layout == EXAONE_MODEL_TYPE:
-            out = convert_exaone_to_llama(args.src, args.dst, overwrite=args.overwrite)
-        else:
-            out = convert_llama_to_exaone(args.src, args.dst, overwrite=args.overwrite,
-                                          reference_config=args.reference_config)
-    except (ModelLayoutError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    layout = detect_layout(read_config(args.src), str(Path(args.src) / "config.json"))
+    if layout == EXAONE_MODEL_TYPE:
+        out = convert_exaone_to_llama(args.src, args.dst, overwrite=args.overwrite)
+    else:
+        out = convert_llama_to_exaone(args.src, args.dst, overwrite=args.overwrite,
+                                      reference_config=args.reference_config)
     print(out)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: convert a checkpoint folder between EXAONE-3.5 and Llama layouts (direction detected);
+    errors and interrupts as every entry point (`hai_medqa.cli.run_cli`)."""
+    from hai_medqa.cli import run_cli
+
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

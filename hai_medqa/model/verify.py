@@ -77,7 +77,7 @@ def _load_original(model: str, revision: str | None, dtype: torch.dtype, device:
                                                 device_map=device, use_safetensors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m hai_medqa.model.verify",
         description="Compare the original EXAONE model (remote code) with its Llama conversion: prints the "
@@ -96,34 +96,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="required to load the original model (runs LG's modeling code from the Hub)")
     args = p.parse_args(argv)
-    try:
-        if args.stage != "converted" and not args.trust_remote_code:
-            raise ModelLayoutError("loading the original EXAONE model runs its Hub code: pass --trust-remote-code")
-        if args.stage != "both" and not args.logits_file:
-            raise ModelLayoutError(f"--stage {args.stage} needs --logits-file")
-        dtype = as_dtype(args.dtype)
-        llama_dir = resolve_model(args.model, args.revision)
-        tokenizer = load_tokenizer(llama_dir)
-        if args.stage == "converted":
-            saved = torch.load(args.logits_file, weights_only=True)
-            inputs, reference = saved["input_ids"], saved["logits"]
-        else:
-            inputs = build_inputs(tokenizer, args.prompts)
-            original = _load_original(args.model, args.revision, dtype, args.device)
-            reference = compute_logits(original, inputs)
-            del original
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if args.stage == "original":
-                torch.save({"input_ids": inputs, "logits": reference}, args.logits_file)
-                print(f"saved reference logits of {len(inputs)} prompt(s) to {args.logits_file}")
-                return 0
-        converted = load_causal_lm(llama_dir, dtype=dtype, device_map=args.device, attn_implementation="eager")
-        result = compare_logits(reference, compute_logits(converted, inputs))
-    except (ModelLayoutError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.stage != "converted" and not args.trust_remote_code:
+        raise ModelLayoutError("loading the original EXAONE model runs its Hub code: pass --trust-remote-code")
+    if args.stage != "both" and not args.logits_file:
+        raise ModelLayoutError(f"--stage {args.stage} needs --logits-file")
+    dtype = as_dtype(args.dtype)
+    llama_dir = resolve_model(args.model, args.revision)
+    tokenizer = load_tokenizer(llama_dir)
+    if args.stage == "converted":
+        saved = torch.load(args.logits_file, weights_only=True)
+        inputs, reference = saved["input_ids"], saved["logits"]
+    else:
+        inputs = build_inputs(tokenizer, args.prompts)
+        original = _load_original(args.model, args.revision, dtype, args.device)
+        reference = compute_logits(original, inputs)
+        del original
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if args.stage == "original":
+            torch.save({"input_ids": inputs, "logits": reference}, args.logits_file)
+            print(f"saved reference logits of {len(inputs)} prompt(s) to {args.logits_file}")
+            return 0
+    converted = load_causal_lm(llama_dir, dtype=dtype, device_map=args.device, attn_implementation="eager")
+    result = compare_logits(reference, compute_logits(converted, inputs))
     for i, d in enumerate(result["per_prompt"]):
         print(f"prompt {i}: max |logit diff| = {d:.3e}")
     print(f"overall max |logit diff| = {result['max_abs_diff']:.3e}; "
@@ -131,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     ok = result["max_abs_diff"] <= args.max_diff
     print("OK: the conversion matches the original" if ok else f"MISMATCH: above --max-diff {args.max_diff}")
     return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0: the conversion matches; 1: mismatch; 2: an error (one line; `hai_medqa.cli.run_cli`)."""
+    from hai_medqa.cli import run_cli
+
+    return run_cli(_main, argv, error_exit=2)
 
 
 if __name__ == "__main__":
