@@ -177,6 +177,9 @@ def _expand_terms(terms: dict[str, str], where: Path) -> dict[str, str]:
     for name, pattern in terms.items():
         if not isinstance(pattern, str):
             raise SafetyConfigError(f"{where}: terms.{name} must be a string regex")
+        if pattern.startswith(LEMMA_PREFIX):  # the view is chosen by the pattern that uses the term
+            raise SafetyConfigError(f"{where}: terms.{name} starts with {LEMMA_PREFIX!r}; put the prefix on the "
+                                    f"pattern that uses it ('{LEMMA_PREFIX}@{{{name}}}')")
         resolved[name] = _substitute(pattern, resolved, where, f"terms.{name}")
     return resolved
 

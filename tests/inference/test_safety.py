@@ -187,6 +187,7 @@ def test_custom_rules_file_is_used(tmp_path):
          "self_harm.sup.suppress_answer"),
         (lambda d: d.update(window_user_turns=0), "'window_user_turns'"),
         (lambda d: d.pop("withheld_answer"), "'withheld_answer'"),
+        (lambda d: d["terms"].update(t="lemma: 숨 "), "terms.t starts with 'lemma:'"),
     ],
 )
 def test_malformed_rules_give_one_clear_error(tmp_path, mutate, message):
