@@ -14,6 +14,8 @@ import argparse
 import re
 import sys
 
+from loguru import logger
+
 from hai_medqa.errors import HaiMedQAError
 from hai_medqa.logging_setup import setup_logging
 from hai_medqa.publish.release import make_release
@@ -53,11 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a repo name not starting with 'EXAONE' (the EXAONE license requires it)")
     p.add_argument("--base-model-id", help="Hub id of the base for the card (default: inferred)")
     p.add_argument("--run-dir", help="training run folder for the card (default: the adapter's parent)")
-    p.add_argument("--eval-results", help="eval_results.json to show in the card (default: RUN_DIR/eval_results.json)")
+    p.add_argument("--eval-results", action="append",
+                   help="eval_results.json to show in the card (default: RUN_DIR/eval_results.json); repeat it to "
+                        "add other models' results with --include-foreign-eval")
+    p.add_argument("--include-foreign-eval", action="store_true",
+                   help="show evaluation results of other models (e.g. the base model) in a comparison table, "
+                        "labelled as theirs, instead of stopping")
+    p.add_argument("--allow-missing-license", action="store_true",
+                   help="upload even though the base folder has no full EXAONE license text (the card says so)")
     p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (after success)")
     p.add_argument("--log-file", help="also write the log to this file")
     return p
+
+
+def _error_line(message: str, log_file: str | None) -> None:
+    """One line on stderr, the same line in the log file (the console sink is left out of it)."""
+    print(message, file=sys.stderr, flush=True)
+    if log_file:
+        logger.remove()
+        logger.add(log_file, level="DEBUG", encoding="utf-8")
+        logger.error(message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             repo_id=args.repo_id, push=args.push, private=args.private, adapter_only=args.adapter_only,
             dry_run=args.dry_run, allow_noncompliant_name=args.allow_noncompliant_name,
             base_model=args.base_model_id, run_dir=args.run_dir, eval_results=args.eval_results,
+            include_foreign_eval=args.include_foreign_eval, allow_missing_license=args.allow_missing_license,
             max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
         )
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error_line(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", args.log_file)
         return 1
     return 0
 

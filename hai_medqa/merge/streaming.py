@@ -43,7 +43,14 @@ from hai_medqa.model.exaone_layout import (
     llama_config_to_exaone,
     llama_to_exaone_name,
 )
-from hai_medqa.run_folder import ADAPTER_WEIGHTS, MERGE_INFO, RUN_INFO, find_run_dir, package_versions
+from hai_medqa.run_folder import (
+    ADAPTER_WEIGHTS,
+    MERGE_INFO,
+    RUN_INFO,
+    find_run_dir,
+    hub_reference,
+    package_versions,
+)
 
 MergeInto = Literal["original", "nf4"]
 Layout = Literal["llama", "exaone"]
@@ -298,20 +305,53 @@ def _training_load_dtype(run: Path | None) -> str | None:
     return dtype if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype) else None
 
 
+_FINGERPRINT_SAMPLES = 16  # evenly spaced 64 KiB reads per shard
+_FINGERPRINT_SAMPLE_BYTES = 1 << 16
+
+
+def checkpoint_fingerprint(folder: str | Path) -> str:
+    """A cheap identity of a base checkpoint that names no path: SHA-256 over its config.json, and
+    for each ``*.safetensors`` (name order) its name, size, header and 16 evenly spaced 64 KiB
+    samples of its data. Any other checkpoint (another fine-tune of the same shape included) changes
+    it; reading it costs a few MiB whatever the model size. Recorded in merge_info.json so a re-run
+    recognises a finished merge of the same base without writing the base's local path there."""
+    import hashlib
+
+    folder = Path(folder)
+    h = hashlib.sha256()
+    config = folder / "config.json"
+    if config.is_file():
+        h.update(config.read_bytes())
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            head = f.read(8)
+            h.update(head)
+            if len(head) == 8:
+                h.update(f.read(int.from_bytes(head, "little")))
+            for i in range(_FINGERPRINT_SAMPLES):
+                f.seek(size * i // _FINGERPRINT_SAMPLES)
+                h.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
 def existing_merge_matches(output: str | Path, base: str | Path, adapter: str | Path, *, merge_into: str,
                            layout: str) -> bool:
-    """True when `output` is a complete folder this merge already wrote from the same base, adapter
-    bytes, mode and layout (so re-running a command after a failed upload skips the merge)."""
+    """True when `output` is a complete folder this merge already wrote from the same base (its
+    `checkpoint_fingerprint`; `base` is a local folder), adapter bytes, mode and layout (so re-running
+    a command after a failed upload skips the merge)."""
     info_path = Path(output) / MERGE_INFO
-    if not info_path.is_file():
+    if not info_path.is_file() or not Path(base).is_dir():
         return False
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
         adapter_dir = resolve_adapter_dir(adapter)
     except (json.JSONDecodeError, AdapterError):
         return False
-    return (info.get("base") == str(base) and info.get("merge_into") == merge_into and info.get("layout") == layout
-            and info.get("adapter_sha256") == sha256_file(adapter_dir / ADAPTER_WEIGHTS))
+    return (info.get("merge_into") == merge_into and info.get("layout") == layout
+            and info.get("adapter_sha256") == sha256_file(adapter_dir / ADAPTER_WEIGHTS)
+            and info.get("base_fingerprint") == checkpoint_fingerprint(base))
 
 
 def merge_adapter(
@@ -377,22 +417,28 @@ def merge_adapter(
         f"[{layout} layout, merge into {merge_into}, {n_shards} shard(s)]"
     )
 
+    # The record travels with the weights: the base by Hub id and a content fingerprint, the adapter
+    # by its bytes' hash; no local path (those are the caller's to keep).
+    base_id, base_rev = hub_reference(base_dir)
+    if base_id is None:
+        base_id, base_rev = hub_reference(str(base))
     info = {
-        "hai_medqa_merge": 1,
-        "base": str(base),
+        "hai_medqa_merge": 2,
+        "base_model": base_id,
+        "base_model_revision": base_rev,
+        "base_fingerprint": checkpoint_fingerprint(base_dir),
         "base_layout": checkpoint.layout,
-        "adapter": str(lora.path),
         "adapter_sha256": sha256_file(lora.path / ADAPTER_WEIGHTS),
-        "adapter_config": {k: lora.config.get(k) for k in (
-            "r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern",
-            "base_model_name_or_path")},
+        "adapter_config": {
+            **{k: lora.config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern",
+                                               "alpha_pattern")},
+            "base_model_name_or_path": hub_reference(lora.base_model_name_or_path)[0]},
         "adapted_weights": len(lora.updates),
         "merge_into": merge_into,
         "nf4": nf4.as_dict() if merge_into == "nf4" else None,
         "layout": layout,
         "weight_dtypes": weight_dtypes,
-        "tokenizer_from": str(tok_source),
-        "run_dir": str(run) if run else None,
+        "tokenizer_from": "adapter" if tok_source == lora.path else "base",
         "versions": package_versions(),
     }
 

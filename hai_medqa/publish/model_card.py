@@ -1,8 +1,9 @@
 """The Hub model card (README.md) of a merged model or an adapter, built only from recorded facts.
 
-Every number in the card comes from a file the pipeline wrote: the training run's
-resolved_config.yaml / run_info.json / summary.json, merge_info.json and, when it exists,
-eval_results.json. What is missing is said to be missing, never filled in.
+Every statement in the card comes from a file in the release folder: merge_info.json,
+release_info.json, the run's (shareable) records under training/, the trainer's record with the
+training data's provenance, and the evaluation results the release bound to this model
+(eval_binding). What is missing is said to be missing, never filled in.
 """
 
 from __future__ import annotations
@@ -21,30 +22,24 @@ from hai_medqa.io_utils import atomic_write_text
 from hai_medqa.publish.license import EXAONE_CITATION, EXAONE_LICENSE_NAME, EXAONE_LICENSE_URL
 from hai_medqa.run_folder import (
     ADAPTER_CONFIG,
+    ADAPTER_LLAMA_SUBFOLDER,
+    EVAL_MODEL_KEY,
     EVAL_RESULTS,
     MERGE_INFO,
     MODEL_CARD,
+    RELEASE_INFO,
     RELEASE_TRAINING_DIR,
     RESOLVED_CONFIG,
     RUN_INFO,
     SUMMARY,
     TRAINING_RECORD,
+    TrainingRecord,
+    describe_training_data,
+    training_settings,
 )
 
 CARD_TAGS = ["exaone", "korean", "medical", "healthcare", "qlora", "lora", "hai-medqa"]
-DATASET_NAME = "AI Hub 초거대AI 헬스케어 질의응답 데이터 (Korean healthcare QA)"
-DATASET_URL = "https://www.aihub.or.kr/aihubdata/data/view.do?dataSetSn=71762"
 EXAMPLE_QUESTION = "감기에 걸렸을 때 집에서 할 수 있는 관리 방법을 알려주세요."
-# Keys of the training config worth a row in the summary table, matched as suffixes of dotted paths.
-_SETTING_KEYS = (
-    "model", "max_seq_len", "max_length", "packing", "seed", "epochs", "num_epochs", "max_steps",
-    "learning_rate", "lr", "lr_scheduler", "warmup_ratio", "warmup_steps", "weight_decay",
-    "batch_size", "micro_batch_size", "per_device_batch_size", "grad_accum", "gradient_accumulation_steps",
-    "tokens_per_step", "r", "rank", "lora_r", "alpha", "lora_alpha", "dropout", "lora_dropout",
-    "target_modules", "quantize_4bit", "load_in_4bit", "dtype", "gradient_checkpointing", "optimizer",
-    "pairing", "batching", "tokens_per_micro_batch", "compute_dtype", "max_grad_norm", "overlong",
-    "early_stopping_patience", "profile", "attn_implementation",
-)
 
 
 class ModelCardError(HaiMedQAError, ValueError):
@@ -65,14 +60,6 @@ def _read_yaml(path: Path) -> Any:
         raise ModelCardError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: obj}
-
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
@@ -83,23 +70,20 @@ def _fmt(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def _table(rows: list[tuple[str, Any]], header: tuple[str, str] = ("", "")) -> str:
-    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows]
+def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...] = ("", "")) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def load_card_facts(folder: str | os.PathLike) -> dict[str, Any]:
-    """Gather the recorded facts of a release folder: merge_info.json, training/*, eval_results.json."""
+    """Gather the recorded facts of a release folder: merge_info.json, release_info.json, training/*,
+    the evaluations release_info.json lists (own and, for comparison, other models')."""
     folder = Path(folder)
     facts: dict[str, Any] = {}
     training = folder / RELEASE_TRAINING_DIR
-    files = {
-        "merge_info": folder / MERGE_INFO,
-        "run_info": training / RUN_INFO,
-        "summary": training / SUMMARY,
-        "eval": folder / EVAL_RESULTS,
-    }
+    files = {"merge_info": folder / MERGE_INFO, "release_info": folder / RELEASE_INFO,
+             "run_info": training / RUN_INFO, "summary": training / SUMMARY}
     for key, path in files.items():
         if path.is_file():
             facts[key] = _read_json(path)
@@ -111,16 +95,27 @@ def load_card_facts(folder: str | os.PathLike) -> dict[str, Any]:
         if record.is_file():
             facts["training_record"] = _read_json(record)
             break
-    adapter_cfg = folder / ADAPTER_CONFIG
-    if adapter_cfg.is_file():
-        facts["adapter_config"] = _read_json(adapter_cfg)
-    elif isinstance(facts.get("merge_info"), dict):
-        facts["adapter_config"] = facts["merge_info"].get("adapter_config") or {}
+    # The settings the adapter was trained with: its Llama-named original when the release also
+    # offers EXAONE names, else the folder's adapter, else what the merge recorded.
+    for adapter_cfg in (folder / ADAPTER_LLAMA_SUBFOLDER / ADAPTER_CONFIG, folder / ADAPTER_CONFIG):
+        if adapter_cfg.is_file():
+            facts["adapter_config"] = _read_json(adapter_cfg)
+            break
+    else:
+        if isinstance(facts.get("merge_info"), dict):
+            facts["adapter_config"] = facts["merge_info"].get("adapter_config") or {}
+    evaluations = (facts.get("release_info") or {}).get("evaluations")
+    if evaluations is None and (folder / EVAL_RESULTS).is_file():  # a folder from before release_info listed them
+        evaluations = [{"file": EVAL_RESULTS, "own": True, "measured": "this model"}]
+    facts["evaluations"] = [{**e, "results": _read_json(folder / e["file"])} for e in evaluations or []
+                            if isinstance(e, dict) and (folder / str(e.get("file"))).is_file()]
     return facts
 
 
-def card_metadata(base_model: str, *, adapter_only: bool) -> dict[str, Any]:
-    """The Hub metadata block (validated by huggingface_hub's ModelCardData)."""
+def card_metadata(base_model: str, *, adapter_only: bool, model_name: str | None = None,
+                  eval_results: list | None = None) -> dict[str, Any]:
+    """The Hub metadata block (validated by huggingface_hub's ModelCardData); `eval_results`
+    (huggingface_hub EvalResults of this model's own evaluation) become its ``model-index``."""
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(
@@ -133,17 +128,16 @@ def card_metadata(base_model: str, *, adapter_only: bool) -> dict[str, Any]:
         library_name="peft" if adapter_only else "transformers",
         pipeline_tag="text-generation",
         tags=CARD_TAGS + (["peft"] if adapter_only else ["merged"]),
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
     )
     return data.to_dict()
 
 
-def usage_snippet(repo_id: str, *, layout: str, adapter_only: bool, base_model: str,
-                  system_prompt: str | None = None) -> str:
-    """Python that loads the published model and answers one question with the saved chat template
-    and the system prompt the model was trained with."""
+def _chat_code(system_prompt: str | None) -> str:
     system = json.dumps(DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt, ensure_ascii=False)
     question = json.dumps(EXAMPLE_QUESTION, ensure_ascii=False)
-    chat = f'''messages = [
+    return f'''messages = [
     {{"role": "system", "content": {system}}},
     {{"role": "user", "content": {question}}},
 ]
@@ -152,16 +146,26 @@ inputs = tokenizer.apply_chat_template(
 ).to(model.device)
 output = model.generate(**inputs, max_new_tokens=512, do_sample=False)  # stops at [|endofturn|]
 print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))'''
-    if adapter_only:
-        return f'''# The adapter was trained on the Llama-layout conversion of the base model (no remote code).
-# Load it with the HAI MedQA project's loader, which converts the base once and caches it.
-from peft import PeftModel
-from hai_medqa.model.acquire import resolve_model
-from hai_medqa.model.load import load_causal_lm, load_tokenizer
 
-base = resolve_model("{base_model}")  # downloads and converts once, cached
-tokenizer = load_tokenizer(base)
-model = PeftModel.from_pretrained(load_causal_lm(base, dtype="bfloat16", device_map="auto"), "{repo_id}")
+
+def usage_snippet(repo_id: str, *, layout: str, adapter_only: bool, base_model: str,
+                  system_prompt: str | None = None, base_revision: str | None = None) -> str:
+    """Python that loads the published model with transformers (and peft for an adapter) only and
+    answers one question with the saved chat template and the system prompt the model was trained with."""
+    chat = _chat_code(system_prompt)
+    if adapter_only:
+        rev = f', revision="{base_revision}"' if base_revision else ""
+        return f'''# transformers + peft only. The adapter's module names are EXAONE's own, so it loads onto the
+# official model, which runs LG's modeling code (trust_remote_code=True; see the base model's card
+# for the transformers versions it supports).
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained(
+    "{base_model}"{rev}, dtype="auto", device_map="auto", trust_remote_code=True
+)
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")  # the tokenizer and chat template training used
+model = PeftModel.from_pretrained(base, "{repo_id}")
 {chat}'''
     remote = ", trust_remote_code=True" if layout == "exaone" else ""
     note = (
@@ -176,55 +180,100 @@ model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map=
 {chat}'''
 
 
-def _eval_section(ev: Mapping[str, Any] | None) -> str:
-    if not ev:
-        return (
-            "No evaluation results were recorded for this model (no `eval_results.json` beside it). "
-            "Run `evaluate.py` on the merged model and re-run `merge_and_upload.py` to add them."
-        )
-    rows: list[tuple[str, Any]] = []
-    for group in ("metrics", "kormedmcqa"):
-        for key, value in _flatten(ev.get(group) or {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                rows.append((f"{group}/{key}" if group != "metrics" else key, value))
+def llama_copy_note(repo_id: str) -> str:
+    """How to use an adapter release on a Llama-layout copy of the base (no remote code)."""
+    return (
+        f"### On a Llama-layout copy of the base (no remote code)\n\n"
+        "EXAONE-3.5 is a Llama under other names. On a Llama-layout copy of the base (for example one made "
+        "by HAI MedQA's converter, `python -m hai_medqa.model.convert`, which renames the tensors and config "
+        f"only), load the adapter's Llama-named original from the `{ADAPTER_LLAMA_SUBFOLDER}/` folder:\n\n"
+        "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+        'base = AutoModelForCausalLM.from_pretrained("path/to/llama-layout-copy", dtype="auto", device_map="auto")\n'
+        f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="{ADAPTER_LLAMA_SUBFOLDER}")\n```'
+    )
+
+
+def _stderr_of(results: Mapping[str, Any], key: str) -> Any:
+    stderr = results.get("metrics_stderr")
+    return stderr.get(key) if isinstance(stderr, Mapping) else None
+
+
+def _results_tables(r: Mapping[str, Any]) -> str:
+    """Metric tables of one eval_results.json: value, standard error and sample count for each."""
+    data = r.get("data") if isinstance(r.get("data"), Mapping) else {}
+    n = data.get("evaluated", r.get("samples"))
     parts = []
+    rows = [(key, value, _stderr_of(r, key) if _stderr_of(r, key) is not None else "–", n)
+            for key, value in (r.get("metrics") or {}).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)]
     if rows:
-        parts.append(_table(rows, ("metric", "value")))
-    else:
-        parts.append("`eval_results.json` holds no numeric metrics.")
-    details = [(k, ev[k]) for k in ("samples", "seed") if k in ev]
-    gen = ev.get("generation")
+        parts.append(_table(rows, ("metric", "value", "standard error", "samples")))
+    detail = r.get("kormedmcqa_detail") if isinstance(r.get("kormedmcqa_detail"), Mapping) else {}
+    subsets = detail.get("subsets") if isinstance(detail.get("subsets"), Mapping) else {}
+    k_stderr = detail.get("stderr") if isinstance(detail.get("stderr"), Mapping) else {}
+    k_rows = [(f"KorMedMCQA {sub}", value, k_stderr.get(sub, "–"),
+               (subsets.get(sub) or {}).get("n", "–") if isinstance(subsets.get(sub), Mapping) else "–")
+              for sub, value in (r.get("kormedmcqa") or {}).items()
+              if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    if k_rows:
+        how = ", ".join(f"{k} {detail[k]}" for k in ("split", "fewshot", "format") if detail.get(k) is not None)
+        parts.append(_table(k_rows, ("metric", "accuracy", "standard error", "questions"))
+                     + (f"\n\nKorMedMCQA ({KORMEDMCQA_URL}): {how}." if how else ""))
+    return "\n\n".join(parts) if parts else "The file holds no numeric metrics."
+
+
+KORMEDMCQA_URL = "https://huggingface.co/datasets/sean0042/KorMedMCQA"
+
+
+def _eval_context(r: Mapping[str, Any]) -> str:
+    """Which data and settings a result was measured with, in one paragraph."""
+    data = r.get("data") if isinstance(r.get("data"), Mapping) else {}
+    bits = []
+    if data:
+        prov = data.get("provenance") if isinstance(data.get("provenance"), Mapping) else {}
+        src = f"; source: {prov['source']}" if prov.get("source") else ""
+        bits.append(f"validation data `{data.get('file', 'jsonl')}` (sha256 `{data.get('sha256')}`, "
+                    f"{data.get('records')} records{src}), {data.get('evaluated', r.get('samples'))} samples evaluated")
+    if r.get("seed") is not None:
+        bits.append(f"seed {r['seed']}")
+    gen = r.get("generation")
     if isinstance(gen, Mapping):
-        details += [(f"generation.{k}", v) for k, v in gen.items()]
-    if details:
-        parts.append("Evaluation settings:\n\n" + _table(details, ("setting", "value")))
+        bits.append("generation " + ", ".join(f"{k} {v}" for k, v in gen.items()))
+    if isinstance(r.get("system_prompt"), str):
+        bits.append("system prompt " + json.dumps(r["system_prompt"], ensure_ascii=False))
+    identity = r.get(EVAL_MODEL_KEY) if isinstance(r.get(EVAL_MODEL_KEY), Mapping) else {}
+    if identity.get("quantize_4bit"):
+        bits.append("base loaded in 4-bit NF4")
+    return "; ".join(bits) + "." if bits else ""
+
+
+def _eval_section(evaluations: list[Mapping[str, Any]]) -> str:
+    own = [e for e in evaluations if e.get("own")]
+    other = [e for e in evaluations if not e.get("own")]
+    parts = []
+    if not own:
+        parts.append("No evaluation of this model was recorded (no `eval_results.json` that measured it). "
+                     "Run `evaluate.py` on the merged model or the adapter and re-run `merge_and_upload.py` to "
+                     "add it.")
+    for e in own:
+        r = e["results"]
+        parts.append(f"Measured on {e.get('measured', 'this model')}. {_eval_context(r)}\n\n{_results_tables(r)}")
+    if other:
+        parts.append("### Other models, for comparison\n\nThese numbers are **not this model's**; each table says "
+                     "which model they measured.")
+        for e in other:
+            r = e["results"]
+            parts.append(f"**Results of {e.get('measured', 'another model')}** (`{e['file']}`). {_eval_context(r)}"
+                         f"\n\n{_results_tables(r)}")
     return "\n\n".join(parts)
 
 
 def _training_section(facts: Mapping[str, Any]) -> str:
     cfg = facts.get("train_config")
-    adapter_cfg = facts.get("adapter_config") or {}
-    rows: list[tuple[str, Any]] = []
-    labels = {"r": "LoRA rank r", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
-              "use_rslora": "rank-stabilised scaling (rsLoRA)", "target_modules": "LoRA target modules"}
-    for key, label in labels.items():
-        value = adapter_cfg.get(key)
-        if value is not None:
-            rows.append((label, sorted(value) if isinstance(value, (list, tuple, set)) else value))
-    if isinstance(cfg, Mapping):
-        for path, value in _flatten(cfg).items():
-            leaf = path.rsplit(".", 1)[-1]
-            if leaf in _SETTING_KEYS and leaf != "system_prompt" and not isinstance(value, dict):
-                rows.append((path, value))
-    summary = facts.get("summary")
-    if isinstance(summary, Mapping):
-        rows += [(f"result: {k}", v) for k, v in _flatten(summary).items()
-                 if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
-    run_info = facts.get("run_info")
-    if isinstance(run_info, Mapping):
-        rows += [(f"run: {k}", v) for k, v in _flatten(run_info).items()
-                 if isinstance(v, (int, float, str)) and not isinstance(v, bool)
-                 and not k.startswith(("env", "argv")) and "path" not in k]
+    record = TrainingRecord.from_json(facts.get("training_record"))
+    rows = training_settings(adapter_config=facts.get("adapter_config"),
+                             config=cfg if isinstance(cfg, Mapping) else None,
+                             run_info=facts.get("run_info"), summary=facts.get("summary"), record=record)
     if not rows:
         return "The training run's files were not available when this card was written; no settings are listed."
     text = "Recorded by the training run (`training/` in this repository holds the files):\n\n"
@@ -232,6 +281,31 @@ def _training_section(facts: Mapping[str, Any]) -> str:
     if facts.get("train_config_text"):
         text += ("\n\n<details><summary>Full training config (resolved_config.yaml)</summary>\n\n```yaml\n"
                  + facts["train_config_text"].rstrip() + "\n```\n\n</details>")
+    return text
+
+
+def _data_section(facts: Mapping[str, Any]) -> str:
+    record = facts.get("training_record") if isinstance(facts.get("training_record"), Mapping) else {}
+    run_info = facts.get("run_info") if isinstance(facts.get("run_info"), Mapping) else {}
+    text = describe_training_data(record.get("data"), run_data=run_info.get("data"))
+    if text.startswith("The training data was not recorded"):
+        # the run's shareable run_info may carry the provenance of its data files
+        data = {k: {**v.get("provenance", {}), "file": v.get("file"), "sha256": v.get("sha256"),
+                    "records": v.get("records")}
+                for k, v in (run_info.get("data") or {}).items() if isinstance(v, Mapping) and v.get("provenance")}
+        text = describe_training_data(data or None, run_data=run_info.get("data"))
+    return text + ("\n\nThe data is distributed by its owners under their own terms and is not redistributed here.")
+
+
+def _license_section(full_text: bool | None) -> str:
+    text = (f"Derived from EXAONE 3.5 and distributed under the [EXAONE AI Model License Agreement 1.1 - NC]"
+            f"({EXAONE_LICENSE_URL}) (see `LICENSE`): research and non-commercial use only; modified models must "
+            "keep names starting with \"EXAONE\"; the agreement must accompany every copy; the model and its "
+            "outputs may not be used to develop other models.")
+    if full_text is False:
+        text += ("\n\n**The full text of the agreement is missing from this repository**: `LICENSE` holds only a "
+                 "notice, because the base model folder this release was built from had no license file. The "
+                 f"agreement's text is at {EXAONE_LICENSE_URL}; it must accompany every copy.")
     return text
 
 
@@ -243,30 +317,40 @@ def render_model_card(
     adapter_only: bool = False,
 ) -> str:
     """The README.md text for the release folder `folder` (merged model, or adapter when `adapter_only`)."""
+    from hai_medqa.publish.eval_binding import BoundEval, model_index_results
+
     facts = load_card_facts(folder)
     merge = facts.get("merge_info") or {}
+    release = facts.get("release_info") or {}
     layout = merge.get("layout", "llama")
-    meta = yaml.safe_dump(card_metadata(base_model, adapter_only=adapter_only), allow_unicode=True,
-                          sort_keys=False).strip()
     name = repo_id.rsplit("/", 1)[-1]
+    evaluations = facts["evaluations"]
+    index = model_index_results([BoundEval(Path(e["file"]), e["results"], bool(e.get("own")), "")
+                                 for e in evaluations])
+    meta = yaml.safe_dump(card_metadata(base_model, adapter_only=adapter_only, model_name=name, eval_results=index),
+                          allow_unicode=True, sort_keys=False).strip()
+    base_rev = release.get("base_model_revision") or merge.get("base_model_revision")
+    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if "/" in base_model else f"`{base_model}`"
     if adapter_only:
-        what = (f"a LoRA adapter for [{base_model}](https://huggingface.co/{base_model}), trained with QLoRA "
-                "(4-bit NF4 base) on Korean healthcare question answering.")
-        form = "LoRA adapter (PEFT format, safetensors)."
+        what = (f"a LoRA adapter for {base_link}, trained with QLoRA (4-bit NF4 base) on Korean healthcare "
+                "question answering.")
+        form = ("LoRA adapter (PEFT format, safetensors) under EXAONE-3.5's own module names; the Llama-named "
+                f"original is in `{ADAPTER_LLAMA_SUBFOLDER}/`.")
     else:
         into = {"original": "the original (unquantised) base weights",
                 "nf4": "the NF4-quantised-then-dequantised base weights (the exact training-time forward)"}
-        what = (f"[{base_model}](https://huggingface.co/{base_model}) fine-tuned with QLoRA on Korean healthcare "
-                "question answering, with the LoRA update merged into "
-                f"{into.get(merge.get('merge_into'), 'the base weights')}.")
+        what = (f"{base_link} fine-tuned with QLoRA on Korean healthcare question answering, with the LoRA update "
+                f"merged into {into.get(merge.get('merge_into'), 'the base weights')}.")
         form = (
             "Full merged weights in the Llama layout: loads with plain `transformers`, no remote code."
             if layout == "llama" else
             "Full merged weights in EXAONE-3.5's original layout (needs LG's modeling code)."
         )
     dtypes = ", ".join(merge.get("weight_dtypes", [])) or "as stored"
-    details_rows: list[tuple[str, Any]] = [("base model", base_model), ("method", "QLoRA (LoRA on a 4-bit NF4 base)"),
-                                           ("format", form)]
+    details_rows: list[tuple[str, Any]] = [("base model", base_model)]
+    if base_rev:
+        details_rows.append(("base revision", base_rev))
+    details_rows += [("method", "QLoRA (LoRA on a 4-bit NF4 base)"), ("format", form)]
     if not adapter_only:
         details_rows += [("merge", merge.get("merge_into", "unknown")), ("weight dtype", dtypes)]
     details_rows += [("language", "Korean"), ("license", "EXAONE AI Model License Agreement 1.1 - NC")]
@@ -274,7 +358,10 @@ def render_model_card(
     record = facts.get("training_record") or {}
     system_prompt = record.get("system_prompt") if isinstance(record.get("system_prompt"), str) else None
     snippet = usage_snippet(repo_id, layout=layout, adapter_only=adapter_only, base_model=base_model,
-                            system_prompt=system_prompt)
+                            system_prompt=system_prompt, base_revision=base_rev)
+    usage = "## Usage\n\n```python\n" + snippet + "\n```"
+    if adapter_only:
+        usage += "\n\n" + llama_copy_note(repo_id)
     sections = [
         f"---\n{meta}\n---",
         f"# {name}\n\n{name} is {what}\nIt was built with the HAI MedQA pipeline. The chat format is EXAONE-3.5's "
@@ -288,26 +375,17 @@ def render_model_card(
         "be wrong, outdated or harmful. Consult a doctor or other qualified professional about any health question, "
         "and call emergency services (119 in Korea) in an emergency.",
         "## Model details\n\n" + _table(details_rows, ("", "")),
-        "## Training data\n\n"
-        f"[{DATASET_NAME}]({DATASET_URL}): Korean health questions and expert-written answers, organised by disease "
-        "category, disease and intention (정의, 원인, 증상, 진단, 치료, 예방, …). Question and answer files are paired "
-        "within each disease/intention folder into instruction–answer records; the pairing and filtering used are in "
-        "the training config below. The data is distributed by AI Hub under its own terms and is not redistributed "
-        "here.",
+        "## Training data\n\n" + _data_section(facts),
         "## Training settings\n\n" + _training_section(facts),
-        "## Evaluation\n\n" + _eval_section(facts.get("eval")),
-        "## Usage\n\n```python\n" + snippet + "\n```",
+        "## Evaluation\n\n" + _eval_section(evaluations),
+        usage,
         "## Limitations\n\n"
         "- Trained on one Korean QA dataset: answers follow that data's style and coverage and can be wrong, "
         "incomplete or out of date; the model may state errors confidently.\n"
         "- Not evaluated for clinical safety; it must not be used for diagnosis, treatment or triage.\n"
         "- Korean only in practice; other languages were not trained or tested.\n"
         "- Inherits the base model's limitations and biases.",
-        "## License\n\n"
-        f"Derived from EXAONE 3.5 and distributed under the [EXAONE AI Model License Agreement 1.1 - NC]"
-        f"({EXAONE_LICENSE_URL}) (see `LICENSE`): research and non-commercial use only; modified models must keep "
-        "names starting with \"EXAONE\"; the agreement must accompany every copy; the model and its outputs may not be "
-        "used to develop other models.",
+        "## License\n\n" + _license_section(release.get("full_license_text")),
         "## Citation\n\n```bibtex\n" + EXAONE_CITATION + "\n```",
     ]
     return "\n\n".join(sections) + "\n"

@@ -37,26 +37,68 @@ def test_body_holds_recorded_facts_disclaimers_and_citation(merged):
     text = (merged / "README.md").read_text(encoding="utf-8")
     assert "의료 조언" in text and "does not replace medical advice" in text  # Korean + English disclaimer
     assert "arXiv:2412.04862" in text and "EXAONE 3.5" in text
-    assert "AI Hub" in text and "초거대AI 헬스케어 질의응답" in text
-    # Training settings come from the run's files (conftest wrote lora_r 4, learning_rate 0.003, 60 steps).
-    assert re.search(r"\| lora_r \| 4 \|", text) and re.search(r"\| learning_rate \| 0\.003 \|", text)
-    assert re.search(r"\| result: global_step \| 60 \|", text)
+    # The fixture run recorded no data provenance: the card claims nothing about the data (issue 13;
+    # it used to state AI Hub's expert-written answers whatever the run was trained on).
+    assert "The training data was not recorded" in text and "expert-written" not in text
+    # Training settings come from the run's files (conftest wrote lora_r 4, learning_rate 0.003, 60 steps),
+    # once each and without bookkeeping rows (issue 13: it used to list config, summary and run_info keys).
+    table = text[text.index("## Training settings"):text.index("<details>")]
+    assert "| LoRA rank r | 4 |" in table and "| learning rate | 0.003 |" in table and "| steps | 60 |" in table
+    assert "| LoRA targets | down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj |" in table
+    assert "| precision | base in 4-bit NF4 (QLoRA) |" in table and "| LoRA alpha | 8 |" in table
+    labels = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    assert len(labels) == len(set(labels)) and not any(k in labels for k in ("lora_r", "result: global_step"))
     assert "merged into the original (unquantised) base weights" in text
-    assert "| LoRA target modules | down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj |" in text
     # No evaluation file: the card says so and shows no metric table.
-    assert "No evaluation results were recorded" in text and "| metric | value |" not in text
+    assert "No evaluation of this model was recorded" in text and "| metric |" not in text
+    assert "full text of the agreement is missing" in text  # the tiny base has no LICENSE file
+
+
+def test_card_data_section_comes_from_the_preprocess_report(provenance_run, tiny_exaone_dir, tmp_path):
+    """Trained on the bundled sample: the card says so, with the split, counts, pairing and skips of
+    the preprocess report, and makes no AI Hub claim."""
+    out = tmp_path / "m"
+    make_release(str(tiny_exaone_dir), provenance_run, out, repo_id=REPO_ID, base_model=BASE_ID)
+    text = (out / "README.md").read_text(encoding="utf-8")
+    data = text[text.index("## Training data"):text.index("## Training settings")]
+    assert "**train**: `train.jsonl`, 243 records" in data and "**validation**: `val.jsonl`" in data
+    assert data.count("bundled synthetic sample") == 2 and "not AI Hub data" in data
+    assert "split `train`" in data and "split `validation`" in data
+    assert "pairing `round_robin`, seed 0" in data and "- skipped: nothing" in data
+    assert "expert-written" not in text and "dataSetSn=71762" not in data
+
+
+def _own_eval(adapter_dir, **identity) -> dict:
+    from hai_medqa.run_folder import model_fingerprint
+
+    return {"model": "finetune",
+            "evaluated_model": {"weights": "adapter", "fingerprint": model_fingerprint(adapter_dir),
+                                "base_model": BASE_ID, "base_model_revision": None, "quantize_4bit": True, **identity},
+            "samples": 35, "seed": 0, "generation": {"max_new_tokens": 256},
+            "data": {"path": "/somewhere/private/val.jsonl", "sha256": "ab" * 32, "records": 35, "evaluated": 35},
+            "metrics": {"rouge1": 0.3172, "rougeL": 0.2811}, "metrics_stderr": {"rouge1": 0.0123, "rougeL": 0.0101},
+            "kormedmcqa": {"doctor": 0.4125},
+            "kormedmcqa_detail": {"split": "test", "subsets": {"doctor": {"n": 80}}, "stderr": {"doctor": 0.055}}}
 
 
 def test_eval_results_shown_only_from_the_file(tiny_exaone_dir, tiny_lora_run, tmp_path):
-    results = {"model": "merged", "samples": 40, "seed": 0, "generation": {"max_new_tokens": 256},
-               "metrics": {"rouge1": 0.3172, "rougeL": 0.2811}, "kormedmcqa": {"accuracy": 0.4125}}
-    (tmp_path / "eval_results.json").write_text(json.dumps(results))
+    """Results of this model (its adapter's fingerprint) appear in the card with model, data, sample
+    count and standard errors, and in the Hub's model-index."""
+    from huggingface_hub import ModelCard
+
+    (tmp_path / "eval_results.json").write_text(json.dumps(_own_eval(tiny_lora_run / "adapter_best")))
     out = tmp_path / "m"
     make_release(str(tiny_exaone_dir), tiny_lora_run, out, repo_id=REPO_ID, base_model=BASE_ID,
                  eval_results=tmp_path / "eval_results.json")
     text = render_model_card(out, repo_id=REPO_ID, base_model=BASE_ID)
-    assert "| rouge1 | 0.3172 |" in text and "| kormedmcqa/accuracy | 0.4125 |" in text
-    assert "| samples | 40 |" in text and "No evaluation results" not in text
+    assert "| rouge1 | 0.3172 | 0.0123 | 35 |" in text and "| KorMedMCQA doctor | 0.4125 | 0.055 | 80 |" in text
+    assert "Measured on this model: the adapter with weights sha256" in text and f"on {BASE_ID}" in text
+    assert f"sha256 `{'ab' * 32}`, 35 records), 35 samples evaluated" in text and "No evaluation of" not in text
+    index = {(r.metric_name, r.metric_value, r.dataset_type) for r in ModelCard(text).data.eval_results}
+    assert ("rouge1 (n=35, s.e. 0.0123)", 0.3172, "hai-medqa-validation") in index
+    assert ("accuracy doctor (n=80, s.e. 0.0550)", 0.4125, "sean0042/KorMedMCQA") in index
+    published = json.loads((out / "eval_results.json").read_text())
+    assert published["data"]["file"] == "val.jsonl" and "/somewhere/private" not in json.dumps(published)
 
 
 def test_usage_snippet_runs_with_saved_chat_template(merged, capsys):

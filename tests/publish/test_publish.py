@@ -29,12 +29,12 @@ def _all_written_text(*folders: Path) -> bytes:
     return b"".join(p.read_bytes() for f in folders for p in f.rglob("*") if p.is_file())
 
 
-def test_push_sends_exactly_the_folder_with_visibility_and_no_token(tiny_exaone_dir, tiny_lora_run, tmp_path,
+def test_push_sends_exactly_the_folder_with_visibility_and_no_token(licensed_base, tiny_lora_run, tmp_path,
                                                                     hub, capfd):
     api, factory = hub
     out, log = tmp_path / "merged", tmp_path / "merge.log"
     rc = merge_and_upload.main([
-        "--base", str(tiny_exaone_dir), "--adapter", str(tiny_lora_run / "adapter_best"), "--output", str(out),
+        "--base", str(licensed_base), "--adapter", str(tiny_lora_run / "adapter_best"), "--output", str(out),
         "--repo-id", "EXAONE-3.5-tiny-MedQA-test", "--push", "--public", "--base-model-id",
         "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct", "--log-file", str(log),
     ])
@@ -49,6 +49,8 @@ def test_push_sends_exactly_the_folder_with_visibility_and_no_token(tiny_exaone_
     assert {"README.md", "LICENSE", "config.json", "generation_config.json", "model.safetensors.index.json",
             "tokenizer.json", "training/resolved_config.yaml"} <= set(files)
     assert "labuser/EXAONE-3.5-tiny-MedQA-test" in (out / "README.md").read_text()
+    assert (out / "LICENSE").read_text() == (licensed_base / "LICENSE").read_text()  # the full text travels
+    assert "agreement is missing" not in (out / "README.md").read_text()
 
     captured = capfd.readouterr()
     for text in (captured.out, captured.err, log.read_text()):
@@ -56,10 +58,10 @@ def test_push_sends_exactly_the_folder_with_visibility_and_no_token(tiny_exaone_
     assert FAKE_TOKEN.encode() not in _all_written_text(out)
 
 
-def test_private_by_default_and_adapter_only(tiny_exaone_dir, tiny_lora_run, tmp_path, hub):
+def test_private_by_default_and_adapter_only(licensed_base, tiny_lora_run, tmp_path, hub):
     api, _ = hub
     out = tmp_path / "adapter_release"
-    rc = merge_and_upload.main(["--base", str(tiny_exaone_dir), "--adapter", str(tiny_lora_run), "--output", str(out),
+    rc = merge_and_upload.main(["--base", str(licensed_base), "--adapter", str(tiny_lora_run), "--output", str(out),
                                 "--adapter-only", "--push", "--base-model-id", "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct"])
     assert rc == 0
     assert api.create_repo.call_args.kwargs["private"] is True
@@ -88,9 +90,9 @@ def test_dry_run_lists_every_file_and_touches_no_network(tiny_exaone_dir, tiny_l
             assert line.strip().endswith(f"{size} B"), line
 
 
-def test_name_rule_refused_before_any_work(tiny_exaone_dir, tiny_lora_run, tmp_path, hub, capsys):
+def test_name_rule_refused_before_any_work(licensed_base, tiny_lora_run, tmp_path, hub, capsys):
     out = tmp_path / "merged"
-    args = ["--base", str(tiny_exaone_dir), "--adapter", str(tiny_lora_run), "--output", str(out),
+    args = ["--base", str(licensed_base), "--adapter", str(tiny_lora_run), "--output", str(out),
             "--repo-id", "labuser/MedQA-ko-7.8B", "--push"]
     assert merge_and_upload.main(args) == 1
     err = capsys.readouterr().err
@@ -106,11 +108,11 @@ def test_name_rule_refused_before_any_work(tiny_exaone_dir, tiny_lora_run, tmp_p
     check_repo_id("someone/EXAONE-3.5-7.8B-Instruct-HAI-MedQA")
 
 
-def test_network_error_is_one_line_and_leaves_folder_intact(tiny_exaone_dir, tiny_lora_run, tmp_path, hub, capfd):
+def test_network_error_is_one_line_and_leaves_folder_intact(licensed_base, tiny_lora_run, tmp_path, hub, capfd):
     api, _ = hub
     api.upload_folder.side_effect = ConnectionError(f"connection reset while sending (Authorization: {FAKE_TOKEN})")
     out = tmp_path / "merged"
-    args = ["--base", str(tiny_exaone_dir), "--adapter", str(tiny_lora_run), "--output", str(out), "--push",
+    args = ["--base", str(licensed_base), "--adapter", str(tiny_lora_run), "--output", str(out), "--push",
             "--base-model-id", "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct"]
     assert merge_and_upload.main(args) == 1
     captured = capfd.readouterr()
@@ -126,6 +128,27 @@ def test_network_error_is_one_line_and_leaves_folder_intact(tiny_exaone_dir, tin
     assert shard.stat().st_mtime_ns == mtime
     assert {name for name, _ in release_files(out)} == set(before)
     assert api.upload_folder.call_count == 2
+
+
+def test_push_refused_without_the_full_license_text(tiny_exaone_dir, tiny_lora_run, tmp_path, hub, capfd):
+    """The EXAONE license must accompany every copy: without its text in the base folder --push stops
+    with one line (also in --log-file) before anything is written; --allow-missing-license uploads and
+    the card says the copy is missing."""
+    api, _ = hub
+    out, log = tmp_path / "merged", tmp_path / "merge.log"
+    args = ["--base", str(tiny_exaone_dir), "--adapter", str(tiny_lora_run), "--output", str(out), "--push",
+            "--base-model-id", "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct", "--log-file", str(log)]
+    assert merge_and_upload.main(args) == 1
+    err = capfd.readouterr().err
+    assert err.startswith("error: the base model folder has no LICENSE file") and err.count("\n") == 1
+    assert err.strip() in log.read_text(encoding="utf-8")  # the failure line reaches the log file too
+    assert not out.exists()
+    api.create_repo.assert_not_called()
+
+    assert merge_and_upload.main(args + ["--allow-missing-license"]) == 0
+    api.upload_folder.assert_called_once()
+    assert "full text of the agreement is missing" in (out / "README.md").read_text(encoding="utf-8")
+    assert json.loads((out / "release_info.json").read_text())["full_license_text"] is False
 
 
 def test_token_found_in_a_file_blocks_upload(tiny_exaone_dir, tiny_lora_run, tmp_path, hub):
