@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hai_medqa.chat_format import resolve_system_prompt
 from hai_medqa.train.sft_data import IGNORE_INDEX, TokenizedDataset, tokenize_records
 
 _HEAD_CHUNK = 2048  # answer positions per LM-head call (2048 x 102400 float32 logits = 0.8 GB)
@@ -67,7 +68,7 @@ def answer_perplexity(
     tokenizer,
     conversations: Sequence[list[dict]],
     *,
-    system_prompt: str,
+    system_prompt: str | None,
     max_length: int = 2048,
     batch_size: int = 8,
     progress: bool = False,
@@ -76,10 +77,11 @@ def answer_perplexity(
 
     Returns ``{"answer_ppl", "answer_nll", "answer_tokens", "samples", "truncated"}``. Answers
     longer than `max_length` allows are cut as in training (their last token stays EOS).
+    `system_prompt` follows `chat_format.resolve_system_prompt` (None = the default, "" = none).
     """
     records = list(enumerate(conversations, 1))
     ds = tokenize_records(records, tokenizer, max_length=max_length, overlong="truncate",
-                          system_prompt=system_prompt, desc="tokenising references")
+                          system_prompt=resolve_system_prompt(system_prompt), desc="tokenising references")
     if len(ds) == 0:
         raise ValueError("no reference answer fits in max_length; raise --max-length")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -96,15 +96,23 @@ def plot_comparison(rows: list[dict], label_a: str, label_b: str, out_png: str |
     return out_png
 
 
+COMPARE_JSON, COMPARE_MD, COMPARE_PNG = "compare.json", "compare.md", "compare.png"
+
+
+def comparison_files(out_dir: str | Path) -> list[Path]:
+    """The files `write_comparison` writes into `out_dir`."""
+    return [Path(out_dir) / name for name in (COMPARE_JSON, COMPARE_MD, COMPARE_PNG)]
+
+
 def write_comparison(out_dir: str | Path, result_a: Mapping, result_b: Mapping, label_a: str, label_b: str) -> dict:
     """Write compare.json, compare.md and compare.png into `out_dir`; return the paths."""
     out_dir = Path(out_dir)
     rows = comparison_rows(result_a, result_b)
-    write_json(out_dir / "compare.json", {"a": label_a, "b": label_b, "rows": rows,
-                                          "results": {label_a: result_a, label_b: result_b}})
+    write_json(out_dir / COMPARE_JSON, {"a": label_a, "b": label_b, "rows": rows,
+                                        "results": {label_a: result_a, label_b: result_b}})
     header = (f"# {label_a} vs {label_b}\n\nSame {result_a.get('samples', 0)} validation samples (seed "
               f"{result_a.get('seed')}), same generation settings. ↑ higher is better, ↓ lower is better; "
               "the better value is bold.\n\n")
-    atomic_write_text(out_dir / "compare.md", header + markdown_table(rows, label_a, label_b))
-    png = plot_comparison(rows, label_a, label_b, out_dir / "compare.png")
-    return {"json": out_dir / "compare.json", "markdown": out_dir / "compare.md", "png": png}
+    atomic_write_text(out_dir / COMPARE_MD, header + markdown_table(rows, label_a, label_b))
+    png = plot_comparison(rows, label_a, label_b, out_dir / COMPARE_PNG)
+    return {"json": out_dir / COMPARE_JSON, "markdown": out_dir / COMPARE_MD, "png": png}

@@ -5,10 +5,8 @@ docs/evaluation.md; the model card reads ``metrics``, ``kormedmcqa``, ``samples`
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import math
-import platform
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +14,17 @@ from typing import Any
 
 from loguru import logger
 
-from hai_medqa.chat_format import DEFAULT_SYSTEM_PROMPT, record_to_messages, render, split_prompt_answer
+from hai_medqa.chat_format import record_to_messages, render, resolve_system_prompt, split_prompt_answer
 from hai_medqa.evaluation import kormedmcqa as kmq
 from hai_medqa.evaluation.metrics import rouge_report
 from hai_medqa.evaluation.perplexity import answer_perplexity
 from hai_medqa.inference.generation import GenerationSettings, InferenceError, LoadedModel, generate
+from hai_medqa.inference.resume import GenerationJournal, generate_journaled
 from hai_medqa.io_utils import sha256_file
+from hai_medqa.run_folder import EVAL_RESULTS, package_versions
+
+PREDICTIONS = "predictions.jsonl"
+KORMEDMCQA_ITEMS = "kormedmcqa_items.jsonl"
 
 METRIC_KEYS = ("rouge1", "rouge2", "rougeL", "char_rougeL", "answer_ppl")
 
@@ -33,7 +36,8 @@ class EvalOptions:
     data: str | None = None
     samples: int | None = 200
     seed: int = 0
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str | None = None  # chat_format's rule: None = the default prompt, "" = none
+    system_prompt_source: str | None = None  # where it came from (recorded in the results)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     batch_size: int = 8
     max_length: int = 2048
@@ -102,16 +106,6 @@ def prepare_inputs(opts: EvalOptions) -> EvalInputs:
     return EvalInputs(conversations, lines, data_info, mcq, fewshot)
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "kiwipiepy"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
-
-
 def _stderr(values: list[float]) -> float | None:
     """Standard error of the mean (sample std / sqrt(n)); None for fewer than two values."""
     n = len(values)
@@ -129,15 +123,27 @@ def mcq_prompt(prompt: str, fmt: str) -> str:
     return render([{"role": "user", "content": prompt}], add_generation_prompt=True)
 
 
-def evaluate_model(lm: LoadedModel, opts: EvalOptions, inputs: EvalInputs, *, label: str) -> tuple[dict, dict]:
+def evaluate_model(lm: LoadedModel, opts: EvalOptions, inputs: EvalInputs, *, label: str,
+                   journal: GenerationJournal | None = None) -> tuple[dict, dict]:
     """Run the evaluation of one loaded model. Returns (eval_results dict, artefacts) where artefacts
-    holds per-sample predictions and per-item KorMedMCQA answers for the jsonl files."""
+    holds per-sample predictions and per-item KorMedMCQA answers for the jsonl files.
+
+    With a `journal`, every generated answer is appended to it as it is made and answers already in
+    it (an interrupted run's) are not generated again."""
+    system_prompt = resolve_system_prompt(opts.system_prompt)
+
+    def answers(prompts: list[str], keys: list[str], settings: GenerationSettings) -> list[str]:
+        if journal is None:
+            return generate(lm, prompts, settings, batch_size=opts.batch_size, progress=True)
+        return generate_journaled(lm, prompts, keys, settings, journal, batch_size=opts.batch_size, progress=True)
+
     results: dict[str, Any] = {
         "model": label,
         "model_info": lm.info,
         "samples": len(inputs.conversations),
         "seed": opts.seed,
-        "system_prompt": opts.system_prompt,
+        "system_prompt": system_prompt,
+        "system_prompt_source": opts.system_prompt_source,
         "generation": {**opts.generation.to_dict(), "batch_size": opts.batch_size},
         "safety_layer": False,  # metrics score the model's own text, never the safety notices
         "data": inputs.data_info or None,
@@ -145,11 +151,11 @@ def evaluate_model(lm: LoadedModel, opts: EvalOptions, inputs: EvalInputs, *, la
     }
     artefacts: dict[str, list] = {"predictions": [], "kormedmcqa_items": []}
     if inputs.conversations:
-        with_system = [record_to_messages({"messages": c}, opts.system_prompt) for c in inputs.conversations]
+        with_system = [record_to_messages({"messages": c}, system_prompt) for c in inputs.conversations]
         prompts = [split_prompt_answer(m)[0] for m in with_system]
         references = [m[-1]["content"] for m in with_system]
         logger.info(f"[{label}] generating {len(prompts)} answer(s)")
-        predictions = generate(lm, prompts, opts.generation, batch_size=opts.batch_size, progress=True)
+        predictions = answers(prompts, [f"val:{line}" for line in inputs.lines], opts.generation)
         means, per_sample = rouge_report(predictions, references)
         results["metrics"].update(means)
         results["metrics_stderr"] = {k: _stderr([s[k] for s in per_sample]) for k in means}
@@ -164,7 +170,7 @@ def evaluate_model(lm: LoadedModel, opts: EvalOptions, inputs: EvalInputs, *, la
                                              "reference": ref, "prediction": pred, **scores})
         if opts.perplexity:
             logger.info(f"[{label}] answer-token perplexity of the references")
-            ppl = answer_perplexity(lm.model, lm.tokenizer, inputs.conversations, system_prompt=opts.system_prompt,
+            ppl = answer_perplexity(lm.model, lm.tokenizer, inputs.conversations, system_prompt=system_prompt,
                                     max_length=opts.max_length, batch_size=opts.batch_size, progress=True)
             results["metrics"]["answer_ppl"] = ppl["answer_ppl"]
             results["metrics_detail"].update({k: ppl[k] for k in ("answer_nll", "answer_tokens", "truncated")})
@@ -172,9 +178,13 @@ def evaluate_model(lm: LoadedModel, opts: EvalOptions, inputs: EvalInputs, *, la
         mcq_settings = GenerationSettings(max_new_tokens=opts.kormedmcqa_max_new_tokens, temperature=0.0,
                                           repetition_penalty=opts.generation.repetition_penalty, seed=opts.seed)
 
+        # score_kormedmcqa asks for the subsets' answers in this order, one call per non-empty subset
+        subsets = iter([s for s, items in inputs.mcq.items() if items])
+
         def answer_fn(prompts: list[str]) -> list[str]:
+            subset = next(subsets)
             wrapped = [mcq_prompt(p, opts.kormedmcqa_format) for p in prompts]
-            return generate(lm, wrapped, mcq_settings, batch_size=opts.batch_size, progress=True)
+            return answers(wrapped, [f"mcq:{subset}:{i}" for i in range(len(wrapped))], mcq_settings)
 
         logger.info(f"[{label}] KorMedMCQA: {', '.join(f'{s} {len(v)}' for s, v in inputs.mcq.items())}")
         scored = kmq.score_kormedmcqa(answer_fn, inputs.mcq, inputs.mcq_fewshot)
@@ -193,9 +203,15 @@ def evaluate_model(lm: LoadedModel, opts: EvalOptions, inputs: EvalInputs, *, la
                        for sub, acc in scored["accuracy"].items() if sub in scored["detail"]},
         }
         artefacts["kormedmcqa_items"] = scored["items"]
-    results["versions"] = _versions()
+    results["versions"] = package_versions()
     results["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return results, artefacts
+
+
+def result_files(out_dir: str | Path) -> list[Path]:
+    """The files `write_results` may write into `out_dir` (for the guards that run before any work)."""
+    out_dir = Path(out_dir)
+    return [out_dir / EVAL_RESULTS, out_dir / PREDICTIONS, out_dir / KORMEDMCQA_ITEMS]
 
 
 def write_results(out_dir: str | Path, results: dict, artefacts: dict) -> Path:
@@ -204,9 +220,9 @@ def write_results(out_dir: str | Path, results: dict, artefacts: dict) -> Path:
 
     out_dir = Path(out_dir)
     if artefacts.get("predictions"):
-        write_jsonl(out_dir / "predictions.jsonl", artefacts["predictions"])
+        write_jsonl(out_dir / PREDICTIONS, artefacts["predictions"])
     if artefacts.get("kormedmcqa_items"):
-        write_jsonl(out_dir / "kormedmcqa_items.jsonl", artefacts["kormedmcqa_items"])
-    path = out_dir / "eval_results.json"
+        write_jsonl(out_dir / KORMEDMCQA_ITEMS, artefacts["kormedmcqa_items"])
+    path = out_dir / EVAL_RESULTS
     write_json(path, results)
     return path

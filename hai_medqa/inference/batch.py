@@ -3,21 +3,27 @@
 Input lines may be a preprocessed record (``{"instruction": ...}``; its ``output`` is ignored), a
 bare ``{"prompt": ...}`` or ``{"question": ...}``, or a conversation ``{"messages": [...]}`` (a
 trailing assistant turn is treated as a reference and dropped, so the model answers the last user
-turn). Every input field is kept in the output line, plus ``answer`` (what a user would be shown,
-with safety texts when the layer is on), ``model_answer`` (the model's text alone) and ``safety``
-(the categories that fired). Bad lines are reported one per line and skipped; the output is written
-atomically.
+turn). Every input field is kept in the output line, plus ``line`` (its line number in the input),
+``answer`` (what a user would be shown, with safety texts when the layer is on), ``model_answer``
+(the model's text alone) and ``safety`` (the categories that fired). Bad lines are reported one per
+line and skipped.
+
+Answers are appended to ``<output>.partial`` as they are generated (`hai_medqa.inference.resume`);
+the output, in input order, is written atomically from it at the end. An interrupted run continues
+with ``--resume`` and ends with the same file as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from loguru import logger
 
 from hai_medqa.chat_format import ChatFormatError, record_to_messages, render
-from hai_medqa.inference.generation import GenerationSettings, InferenceError, LoadedModel, generate
+from hai_medqa.inference.generation import GenerationSettings, InferenceError, LoadedModel
+from hai_medqa.inference.resume import GenerationJournal, generate_journaled
 from hai_medqa.inference.safety import SafetyLayer
 from hai_medqa.io_utils import write_jsonl
 
@@ -78,20 +84,30 @@ def run_batch(
     *,
     system_prompt: str | None,
     safety: SafetyLayer,
+    journal: GenerationJournal,
     batch_size: int = 8,
+    show_prompt: Callable[[str], None] | None = None,
 ) -> dict:
-    """Answer every question of `input_path` into `output_path`; returns counts for the log."""
+    """Answer every question of `input_path` into `output_path` through `journal` (answers already
+    in it are not generated again); returns counts for the log. The journal is removed once the
+    output is in place."""
     items, skipped = read_questions(input_path, system_prompt)
     prompts = [render(messages, add_generation_prompt=True) for _, _, messages in items]
-    answers = generate(lm, prompts, settings, batch_size=batch_size, progress=True)
+    if show_prompt is not None:
+        for prompt in prompts:
+            show_prompt(prompt)
+    keys = [f"line:{lineno}" for lineno, _, _ in items]
+    answers = generate_journaled(lm, prompts, keys, settings, journal, batch_size=batch_size, progress=True)
     out_records = []
-    for (_, record, messages), answer in zip(items, answers, strict=True):
+    for (lineno, record, messages), answer in zip(items, answers, strict=True):
         user_text = messages[-1]["content"]
         out_records.append({
             **record,
+            "line": lineno,
             "answer": safety.wrap(user_text, answer),
             "model_answer": answer,
             "safety": safety.categories_hit(user_text),
         })
     n = write_jsonl(output_path, out_records)
-    return {"answered": n, "skipped": skipped, "output": str(output_path)}
+    journal.remove()
+    return {"answered": n, "skipped": skipped, "resumed": journal.resumed, "output": str(output_path)}

@@ -1,15 +1,13 @@
-"""Flags and error handling shared by chat.py and evaluate.py (one definition of --model/--adapter,
-the generation flags, and the `error: <one line>` exit)."""
+"""Flags shared by chat.py and evaluate.py: one definition of --model/--adapter, the generation
+flags and --system-prompt, and the model's identity recorded in resumable outputs. (Errors and
+interrupts: `hai_medqa.cli.run_cli`, used by every entry point.)"""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from loguru import logger
-
-from hai_medqa.errors import HaiMedQAError
 from hai_medqa.inference.generation import GenerationSettings
 
 
@@ -46,19 +44,31 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-# The project's own errors (one base, see hai_medqa/errors.py) plus the file errors a path argument can raise.
-USER_ERRORS: tuple[type[BaseException], ...] = (HaiMedQAError, FileNotFoundError, NotADirectoryError, PermissionError)
+def add_system_prompt_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, what: str) -> None:
+    """--system-prompt, default None = "not given" (then the prompt training recorded for the model)."""
+    p.add_argument("--system-prompt", default=None,
+                   help=f"system prompt {what} ('' for none; default: the prompt the model was trained with, "
+                        "from the training record beside the adapter or in the release's training/ folder, "
+                        "else the project's Korean medical prompt)")
 
 
-def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a CLI main; user errors become ``error: <message>`` on stderr and exit status 1."""
-    try:
-        return main(argv)
-    except USER_ERRORS as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        logger.debug(f"{type(e).__name__}: {e}")
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+def local_path(path: str | None) -> Path | None:
+    """`path` when it names something on this machine (a --model may also be a Hub id), else None."""
+    if path is None:
+        return None
+    local = Path(path).expanduser()
+    return local if local.exists() else None
+
+
+def model_identity(args: argparse.Namespace, model: str | None, adapter_dir: Path | None) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one to give the same answers (absolute
+    paths for local folders, so a different working directory still matches)."""
+    local = local_path(model)
+    return {
+        "model": str(local.resolve()) if local is not None else model,
+        "revision": args.revision,
+        "adapter": str(adapter_dir.resolve()) if adapter_dir is not None else None,
+        "quantize_4bit": args.load_4bit,
+        "dtype": args.dtype,
+        "attn_implementation": args.attn_implementation,
+    }

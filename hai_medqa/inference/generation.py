@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,11 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from hai_medqa.chat_format import EOT, check_tokenizer_template
+from hai_medqa.chat_format import ChatTokenIds, apply_tokenizer_rule
 from hai_medqa.errors import HaiMedQAError
+from hai_medqa.run_folder import ADAPTER_CONFIG
+
+TOKENIZER_CONFIG = "tokenizer_config.json"  # transformers' name; an adapter folder carries one when training saved it
 
 
 class InferenceError(HaiMedQAError, ValueError):
@@ -64,16 +67,18 @@ class GenerationSettings:
         """Settings plus the derived decoding mode, for results files."""
         return {**asdict(self), "do_sample": self.do_sample}
 
-    def generation_config(self, tokenizer):
-        """A transformers GenerationConfig that stops at [|endofturn|] and pads with the pad token."""
+    def generation_config(self, tokens: ChatTokenIds | Any):
+        """A transformers GenerationConfig that stops at [|endofturn|] and pads with the pad token.
+
+        `tokens`: the ids of `chat_token_ids` (or a tokenizer, whose ids are looked up here)."""
         from transformers import GenerationConfig
 
-        eos_id, pad_id = special_token_ids(tokenizer)
+        ids = tokens if isinstance(tokens, ChatTokenIds) else chat_token_ids(tokens)
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "do_sample": self.do_sample,
-            "eos_token_id": eos_id,
-            "pad_token_id": pad_id,
+            "eos_token_id": ids.eot_id,
+            "pad_token_id": ids.pad_id,
             "repetition_penalty": self.repetition_penalty,
             "use_cache": True,
         }
@@ -84,17 +89,12 @@ class GenerationSettings:
         return GenerationConfig(**kwargs)
 
 
-def special_token_ids(tokenizer) -> tuple[int, int]:
-    """(eos id = id of [|endofturn|], pad id). Falls back to pad = eos with a warning: harmless for
-    left-padded inference (the attention mask hides padding) although training must never do it."""
-    eos_id = tokenizer.convert_tokens_to_ids(EOT)
-    if eos_id is None or eos_id == tokenizer.unk_token_id:
-        raise InferenceError(f"the tokenizer has no {EOT} token; it is not an EXAONE-3.5 tokenizer")
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        logger.warning("tokenizer has no pad token; padding with [|endofturn|] for inference")
-        pad_id = eos_id
-    return eos_id, pad_id
+def chat_token_ids(tokenizer, source: str = "the tokenizer") -> ChatTokenIds:
+    """The project's one tokenizer rule (`chat_format.apply_tokenizer_rule`) as inference applies it:
+    [|endofturn|] must exist and padding must use another token (else a ChatFormatError naming
+    `source`); a chat template that differs from `chat_format.render` is only warned about, since
+    prompts are rendered by chat_format, never by the template."""
+    return apply_tokenizer_rule(tokenizer, source=source, repair_template=False)
 
 
 @dataclass
@@ -104,10 +104,22 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     info: dict[str, Any] = field(default_factory=dict)
+    token_ids: ChatTokenIds | None = None
+
+    def __post_init__(self) -> None:
+        if self.token_ids is None:
+            self.token_ids = chat_token_ids(self.tokenizer)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence (prompt + answer) the model takes: its config's max_position_embeddings."""
+        config = getattr(self.model, "config", None)
+        value = getattr(config, "max_position_embeddings", None)
+        return int(value) if value else None
 
     def close(self) -> None:
         """Free the model's memory (used between the two models of ``evaluate.py --compare``)."""
@@ -130,10 +142,20 @@ def _resolve_dtype(dtype: str, device: str) -> str:
 def adapter_base(adapter_dir: Path) -> str | None:
     """``base_model_name_or_path`` recorded in an adapter's adapter_config.json (None if absent)."""
     try:
-        cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise InferenceError(f"{adapter_dir}/adapter_config.json: cannot read ({e})") from None
+        raise InferenceError(f"{adapter_dir / ADAPTER_CONFIG}: cannot read ({e})") from None
     return cfg.get("base_model_name_or_path") or None
+
+
+def resolve_adapter(adapter: str | Path | None) -> Path | None:
+    """The adapter folder of an ``--adapter`` argument: the folder itself, or a run folder's
+    adapter_best/ (else adapter_last/); an AdapterError naming the path when there is none."""
+    if adapter is None:
+        return None
+    from hai_medqa.merge.lora import resolve_adapter_dir
+
+    return resolve_adapter_dir(adapter)
 
 
 def load_for_inference(
@@ -154,11 +176,10 @@ def load_for_inference(
     used. The tokenizer comes from the adapter folder when it carries one (that is what training
     used), else from the model.
     """
-    from hai_medqa.merge.lora import resolve_adapter_dir
     from hai_medqa.model.acquire import resolve_model
     from hai_medqa.model.load import load_causal_lm, load_tokenizer
 
-    adapter_dir = resolve_adapter_dir(adapter) if adapter else None
+    adapter_dir = resolve_adapter(adapter)
     if model is None:
         if adapter_dir is None:
             raise InferenceError("give --model (a merged folder or Hub id) and/or --adapter")
@@ -169,11 +190,10 @@ def load_for_inference(
     device = device or _default_device()
     dtype = _resolve_dtype(dtype, device)
     folder = resolve_model(model, revision)
-    tok_source = adapter_dir if adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file() else folder
+    tok_source = adapter_dir if adapter_dir is not None and (adapter_dir / TOKENIZER_CONFIG).is_file() else folder
     tokenizer = load_tokenizer(tok_source)
     tokenizer.padding_side = "left"
-    for problem in check_tokenizer_template(tokenizer):
-        logger.warning(f"tokenizer ({tok_source}): {problem}")
+    token_ids = chat_token_ids(tokenizer, source=str(tok_source))
     device_map = {"": device} if (quantize_4bit or device != "cpu") else None
     lm = load_causal_lm(folder, quantize_4bit=quantize_4bit, dtype=dtype, device_map=device_map,
                         attn_implementation=attn_implementation)
@@ -194,7 +214,7 @@ def load_for_inference(
     }
     logger.info(f"loaded {model}" + (f" + adapter {adapter_dir}" if adapter_dir else "") +
                 f" ({'4-bit NF4, ' if quantize_4bit else ''}{dtype}, {device})")
-    return LoadedModel(lm, tokenizer, info)
+    return LoadedModel(lm, tokenizer, info, token_ids)
 
 
 class TextSink:
@@ -230,7 +250,68 @@ class TextSink:
             self._emitted = len(text)
 
 
+def batch_plan(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Which prompts go together: longest first (less padding), `batch_size` per batch.
+
+    A pure function of the prompt lengths, so a resumed run rebuilds exactly the batches of the
+    first run (batch composition can move low-order bits of the logits; greedy answers stay equal).
+
+    >>> batch_plan([3, 9, 5, 9], 2)
+    [[1, 3], [2, 0]]
+    """
+    if batch_size < 1:
+        raise InferenceError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def prompt_lengths(lm: LoadedModel, prompts: Sequence[str]) -> list[int]:
+    """Token count of each rendered prompt (no special tokens added, as in training)."""
+    return [len(ids) for ids in lm.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+
 @torch.inference_mode()
+def iter_generate_ids(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    settings: GenerationSettings,
+    *,
+    batch_size: int = 8,
+    skip: Callable[[int], bool] | None = None,
+    progress: bool = False,
+    stream: Callable[[str], None] | None = None,
+) -> Iterator[list[tuple[int, list[int]]]]:
+    """Generate batch by batch (`batch_plan`), yielding ``[(prompt index, generated ids), ...]`` per batch.
+
+    Each id list ends with the EOS id when the model stopped by itself (no padding). Batches whose
+    every prompt `skip` accepts are not generated (a resumed run); a batch with any prompt left is
+    generated whole, so its answers are those of an uninterrupted run. `stream` (one prompt only)
+    receives text pieces as they are generated.
+    """
+    if not prompts:
+        return
+    if stream is not None and len(prompts) != 1:
+        raise InferenceError("streaming works on one prompt at a time")
+    tokenizer = lm.tokenizer
+    tokenizer.padding_side = "left"
+    eos_id = lm.token_ids.eot_id
+    gen_config = settings.generation_config(lm.token_ids)
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    batches = batch_plan([len(e) for e in encoded], batch_size)
+    todo = [b for b in batches if skip is None or not all(skip(i) for i in b)]
+    device = lm.device
+    for batch in tqdm(todo, desc="generating", unit="batch", disable=not progress):
+        enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, return_tensors="pt")
+        enc = {k: v.to(device) for k, v in enc.items()}
+        if settings.do_sample:
+            torch.manual_seed(settings.seed)
+        streamer = TextSink(tokenizer, stream) if stream is not None else None
+        out = lm.model.generate(**enc, generation_config=gen_config, streamer=streamer)
+        rows = out[:, enc["input_ids"].shape[1] :].tolist()
+        # after a row's EOS, generate() fills it with padding until the batch is done: cut there
+        yield [(i, row[: row.index(eos_id) + 1] if eos_id in row else row) for i, row in zip(batch, rows, strict=True)]
+
+
 def generate_ids(
     lm: LoadedModel,
     prompts: Sequence[str],
@@ -240,38 +321,20 @@ def generate_ids(
     progress: bool = False,
     stream: Callable[[str], None] | None = None,
 ) -> list[list[int]]:
-    """Generated token ids per rendered prompt (text ending in ``[|assistant|]``), in input order.
-
-    Each list ends with the EOS id when the model stopped by itself (no padding). Prompts are batched
-    longest-first (less padding; the order is restored afterwards) and left padded. `stream`
-    (one prompt only) receives text pieces as they are generated.
-    """
-    if not prompts:
-        return []
+    """Generated token ids per rendered prompt (text ending in ``[|assistant|]``), in input order
+    (`iter_generate_ids` collected; prompts batched longest-first and left padded)."""
     if batch_size < 1:
         raise InferenceError(f"batch_size must be >= 1, got {batch_size}")
-    if stream is not None and len(prompts) != 1:
-        raise InferenceError("streaming works on one prompt at a time")
-    tokenizer = lm.tokenizer
-    tokenizer.padding_side = "left"
-    eos_id, _ = special_token_ids(tokenizer)
-    gen_config = settings.generation_config(tokenizer)
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     results: list[list[int]] = [[] for _ in prompts]
-    device = lm.device
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
-        enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, return_tensors="pt")
-        enc = {k: v.to(device) for k, v in enc.items()}
-        if settings.do_sample:
-            torch.manual_seed(settings.seed)
-        streamer = TextSink(tokenizer, stream) if stream is not None else None
-        out = lm.model.generate(**enc, generation_config=gen_config, streamer=streamer)
-        for i, row in zip(batch, out[:, enc["input_ids"].shape[1] :].tolist(), strict=True):
-            # after a row's EOS, generate() fills it with padding until the batch is done: cut there
-            results[i] = row[: row.index(eos_id) + 1] if eos_id in row else row
+    for batch in iter_generate_ids(lm, prompts, settings, batch_size=batch_size, progress=progress, stream=stream):
+        for i, ids in batch:
+            results[i] = ids
     return results
+
+
+def decode_answer(lm: LoadedModel, ids: Sequence[int]) -> str:
+    """An answer's text: generated ids decoded without special tokens, surrounding whitespace stripped."""
+    return lm.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
 
 def generate(
@@ -283,7 +346,6 @@ def generate(
     progress: bool = False,
     stream: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Answer text per rendered prompt, in input order: `generate_ids` decoded without special
-    tokens and stripped of surrounding whitespace."""
+    """Answer text per rendered prompt, in input order: `generate_ids` decoded by `decode_answer`."""
     ids = generate_ids(lm, prompts, settings, batch_size=batch_size, progress=progress, stream=stream)
-    return [lm.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+    return [decode_answer(lm, x) for x in ids]

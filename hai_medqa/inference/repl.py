@@ -3,15 +3,21 @@
 The history holds the model's own answers (no safety notice, no disclaimer), so every turn's prompt
 is ``chat_format.render(system + history + [user], add_generation_prompt=True)`` - the exact format
 of training. The safety texts are shown to the user around the streamed answer only.
+
+The prompt always fits the model: when system + history + question would leave fewer than
+``max_new_tokens`` positions of the model's context for the answer, the oldest exchanges are
+dropped (with a notice) until it fits; the system prompt and the current question are never cut.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from collections.abc import Callable
 
-from hai_medqa.chat_format import DEFAULT_SYSTEM_PROMPT, render
+from hai_medqa.chat_format import render, resolve_system_prompt
+from hai_medqa.cli import interrupt_signal
 from hai_medqa.inference.generation import GenerationSettings, LoadedModel, generate
 from hai_medqa.inference.safety import SafetyLayer
 
@@ -31,14 +37,14 @@ class ChatSession:
         lm: LoadedModel,
         settings: GenerationSettings,
         *,
-        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        system_prompt: str | None = None,
         safety: SafetyLayer | None = None,
         write: Callable[[str], None] | None = None,
         show_prompt: Callable[[str], None] | None = None,
     ):
         self.lm = lm
         self.settings = settings
-        self.system_prompt = system_prompt
+        self.system_prompt = resolve_system_prompt(system_prompt)  # None = the default, "" = none
         self.safety = safety if safety is not None else SafetyLayer()
         self.history: list[dict] = []
         self._write = write or _stdout_write
@@ -53,22 +59,61 @@ class ChatSession:
         """The exact text the model sees for the next turn."""
         return render(self.messages() + [{"role": "user", "content": user_text}], add_generation_prompt=True)
 
+    def prompt_budget(self) -> int | None:
+        """The most prompt tokens that leave ``max_new_tokens`` positions of the model's context for
+        the answer (None when the model does not say its context length)."""
+        limit = self.lm.max_positions
+        return None if limit is None else limit - self.settings.max_new_tokens
+
+    def _n_tokens(self, text: str) -> int:
+        return len(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def fit_prompt(self, user_text: str) -> str | None:
+        """The next turn's prompt, after dropping the oldest exchanges that no longer fit (with a
+        notice); None, with a message, when the system prompt and the question alone do not fit."""
+        prompt = self.prompt_for(user_text)
+        budget = self.prompt_budget()
+        if budget is None:
+            return prompt
+        dropped = 0
+        while self.history and self._n_tokens(prompt) > budget:
+            del self.history[:2]  # the oldest exchange: one user message and its answer
+            dropped += 1
+            prompt = self.prompt_for(user_text)
+        if dropped:
+            self._write(f"(대화가 길어 가장 오래된 {dropped}턴을 잊었습니다 / dropped the {dropped} oldest turn(s): the "
+                        f"conversation no longer fit the model's {self.lm.max_positions}-token context with "
+                        f"{self.settings.max_new_tokens} tokens left for the answer)\n")
+        n = self._n_tokens(prompt)
+        if n > budget:
+            self._write(f"(질문이 너무 깁니다 / the question is too long: {n} prompt tokens with the system prompt, "
+                        f"but the model's {self.lm.max_positions}-token context leaves {budget} once "
+                        f"{self.settings.max_new_tokens} are kept for the answer; shorten it or lower "
+                        "--max-new-tokens)\n")
+            return None
+        return prompt
+
     def respond(self, user_text: str) -> str | None:
         """Run one turn: safety notice, streamed answer, disclaimer; keep the exchange in history.
 
-        Returns the model's answer, or None if generation was interrupted (Ctrl-C): the turn is then
-        dropped from history so the next prompt stays well-formed.
+        Returns the model's answer, or None if generation was interrupted (Ctrl-C) or the question
+        does not fit the context: the turn is then not kept, so the next prompt stays well-formed.
+        SIGTERM/SIGHUP (`hai_medqa.cli.Interrupted`) end the session instead.
         """
         notice = self.safety.notices(user_text)
         if notice:
             self._write(notice + "\n")
-        prompt = self.prompt_for(user_text)
+        prompt = self.fit_prompt(user_text)
+        if prompt is None:
+            return None
         if self._show_prompt is not None:
             self._show_prompt(prompt)
         self._write(ASSISTANT_LABEL)
         try:
             answer = generate(self.lm, [prompt], self.settings, batch_size=1, stream=self._write)[0]
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if interrupt_signal(e) != signal.SIGINT:
+                raise
             self._write("\n(중단됨 / interrupted)\n")
             return None
         self._write("\n")
@@ -125,7 +170,11 @@ def run_repl(session: ChatSession, stdin=None) -> int:
                 line = stdin.readline()
                 if not line:
                     break
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
+            break
+        except KeyboardInterrupt as e:  # Ctrl-C at the prompt ends the session; SIGTERM/SIGHUP go up
+            if interrupt_signal(e) != signal.SIGINT:
+                raise
             break
         if not session.handle(line):
             break

@@ -28,3 +28,11 @@ def test_every_project_error_is_a_haimedqa_error():
     assert len(found) >= 15  # the stages' errors were really found
     offenders = sorted(name for name, cls in found.items() if not issubclass(cls, HaiMedQAError))
     assert offenders == []
+
+
+def test_one_class_per_name():
+    """Two stages must not each define a `DataError`: one meaning, one class (hai_medqa/errors.py)."""
+    by_name: dict[str, list[str]] = {}
+    for qualified, _ in _error_classes():
+        by_name.setdefault(qualified.rsplit(".", 1)[1], []).append(qualified)
+    assert {name: where for name, where in by_name.items() if len(where) > 1} == {}

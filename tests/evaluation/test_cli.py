@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from hai_medqa import chat_format
+from hai_medqa.cli import run_cli
 from hai_medqa.evaluation.cli import main as eval_main
 from hai_medqa.evaluation.perplexity import answer_perplexity
 from hai_medqa.evaluation.report import comparison_rows, markdown_table
-from hai_medqa.inference.cli_common import run_main
 from hai_medqa.inference.generation import load_for_inference
 
 CONVERSATIONS = [
@@ -144,7 +144,7 @@ def test_bad_inputs_fail_before_loading_a_model(tmp_path, monkeypatch, capsys, a
     (tmp_path / "mcq" / "doctor").mkdir(parents=True)
     (tmp_path / "mcq" / "doctor" / "test.csv").write_text("question,A,B,C,D,answer\nq,a,b,c,d,1\n", encoding="utf-8")
     # a model path that does not exist: these errors must come before any model loading
-    rc = run_main(eval_main, ["--model", str(tmp_path / "no_model"), "--kormedmcqa-subsets", "doctor", *args])
+    rc = run_cli(eval_main, ["--model", str(tmp_path / "no_model"), "--kormedmcqa-subsets", "doctor", *args])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert f"error: {message}" in err or (message in err and err.startswith("error: "))

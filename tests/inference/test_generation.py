@@ -13,6 +13,7 @@ from hai_medqa.inference.generation import (
     GenerationSettings,
     InferenceError,
     LoadedModel,
+    chat_token_ids,
     generate,
     generate_ids,
     load_for_inference,
@@ -119,6 +120,18 @@ def test_base_plus_adapter(tiny_lora_run, tiny_lm, tiny_exaone_dir):
     # without --model the base recorded in adapter_config.json is used
     alone = load_for_inference(None, str(tiny_lora_run / "adapter_best"), dtype="float32", device="cpu")
     assert generate_ids(alone, prompts[:1], settings) == adapted[:1]
+
+
+def test_the_tokenizer_rule_is_chat_formats(tiny_lm):
+    """Inference applies chat_format.apply_tokenizer_rule: padding with [|endofturn|] is refused,
+    naming where the tokenizer came from (it used to be a warning and a silent fallback)."""
+    assert tiny_lm.token_ids == chat_format.apply_tokenizer_rule(tiny_lm.tokenizer, source="x", repair_template=False)
+    tok = copy.deepcopy(tiny_lm.tokenizer)
+    tok.pad_token = chat_format.EOT
+    with pytest.raises(chat_format.ChatFormatError, match="pad token must exist and differ"):
+        LoadedModel(tiny_lm.model, tok, {})
+    with pytest.raises(chat_format.ChatFormatError, match="tokenizer from /some/model"):
+        chat_token_ids(tok, source="/some/model")
 
 
 def test_load_4bit_on_cpu(tiny_exaone_dir):

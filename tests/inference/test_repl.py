@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from hai_medqa import chat_format
+from hai_medqa.cli import run_cli
 from hai_medqa.inference.chat_cli import main as chat_main
-from hai_medqa.inference.cli_common import run_main
 from hai_medqa.inference.generation import GenerationSettings, generate, load_for_inference
 from hai_medqa.inference.safety import SafetyLayer
 
@@ -130,7 +130,7 @@ def test_batch_mode(tmp_path, tiny_exaone_dir, tiny_lm, capsys):
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, tiny_exaone_dir, extra, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
-    rc = run_main(chat_main, ["--model", str(tiny_exaone_dir), *extra])
+    rc = run_cli(chat_main, ["--model", str(tiny_exaone_dir), *extra])
     err = capsys.readouterr().err
     assert rc == 1
     assert f"error: {message}" in err
@@ -138,6 +138,6 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, tiny_exaone_dir,
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
-    rc = run_main(chat_main, ["--model", str(tmp_path / "nope"), "--prompt", "두통"])
+    rc = run_cli(chat_main, ["--model", str(tmp_path / "nope"), "--prompt", "두통"])
     err = capsys.readouterr().err
     assert rc == 1 and "error: " in err and "nope" in err and "Traceback" not in err
