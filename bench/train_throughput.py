@@ -27,6 +27,13 @@ Usage (GPU):
     python bench/train_throughput.py --variants "plain;fast;fast:gradient_checkpointing=false"
 A variant is PROFILE[:key=value,...] with any TrainConfig key as an override.
 
+Evaluation (`--val-records N`): the Trainer gets a validation file of N synthetic records and evaluates
+every `--eval-steps` steps and at the end, as S_F2.py does with the shipped configs. The reported peak
+memory then includes evaluation (`eval_peak_reserved_gib`: the peak over the evaluations alone, and
+`train_peak_reserved_gib`: the peak before the first one); evaluation and the adapter it saves are
+timed apart and left out of the tokens/s.
+    python bench/train_throughput.py --shape 7.8b --variants lean --val-records 400 --eval-steps 2
+
 Several GPUs (`--num-processes N`): every variant runs under `accelerate launch` with
 configs/accelerate/ddp.yaml (or `--accelerate-config`, e.g. fsdp_qlora.yaml) on N processes, each with
 the variant's own micro-batches and accumulation (so N times the tokens per optimizer step), and - unless
@@ -134,13 +141,14 @@ def run_variant(spec: dict) -> dict:
 
     overrides = dict(spec["overrides"])
     explicit = set(overrides) | {"profile"}
-    cfg = TrainConfig(model=spec["model"], train_file=spec["train_file"], val_file=None,
+    cfg = TrainConfig(model=spec["model"], train_file=spec["train_file"], val_file=spec.get("val_file"),
                       output_dir=spec["output_dir"], cache_dir=spec["cache_dir"], profile=spec["profile"],
                       max_steps=spec["warmup"] + spec["steps"], save_steps=10**6, logging_steps=5,
                       tensorboard=False, warmup_ratio=0.0, early_stopping_patience=None,
-                      learning_rate=spec["lr"],
+                      learning_rate=spec["lr"], eval_steps=spec.get("eval_steps") or 200, max_eval_samples=None,
                       gradient_accumulation_steps=overrides.pop("gradient_accumulation_steps", 1), **overrides)
     records: list[dict] = []
+    evals: list[dict] = []
     t_mark: dict[str, float] = {}
 
     def on_step(trainer, rec):
@@ -154,6 +162,25 @@ def run_variant(spec: dict) -> dict:
 
     trainer = Trainer(cfg, explicit, callbacks=[on_step])
     trainer.setup()
+
+    def timed_apart(fn, what):
+        """Run fn outside the step timing (its time is taken off the next step's wall)."""
+        def run(*args, **kwargs):
+            _sync()
+            before, t0 = _peaks(), time.perf_counter()
+            out = fn(*args, **kwargs)
+            _sync()
+            dt = time.perf_counter() - t0
+            t_mark["last"] = t_mark.get("last", 0.0) + dt
+            if what == "evaluate":
+                evals.append({"step": trainer.state.global_step, "seconds": dt, "val_loss": out["val_loss"],
+                              "peak_reserved_before_gib": before["peak_reserved_gib"],
+                              "peak_reserved_after_gib": _peaks()["peak_reserved_gib"]})
+            return out
+        return run
+
+    trainer.evaluate = timed_apart(trainer.evaluate, "evaluate")
+    trainer.save_adapter = timed_apart(trainer.save_adapter, "save_adapter")
     t_mark["last"] = time.perf_counter()
     trainer.train()
     peaks = [_peaks()]
@@ -165,6 +192,7 @@ def run_variant(spec: dict) -> dict:
     if not trainer.is_main:
         return None
     timed = [r for r in records if r["step"] > spec["warmup"]]
+    timed_evals = [e for e in evals if e["step"] >= spec["warmup"]]
     wall = sum(r["wall"] for r in timed)  # includes collation and logging: what users get
     tokens = sum(r["tokens"] for r in timed)
     return {"name": spec["name"], "profile": trainer.profile_used, "config": {
@@ -181,6 +209,10 @@ def run_variant(spec: dict) -> dict:
         "peak_allocated_gib": max(p["peak_allocated_gib"] for p in peaks),
         "peak_reserved_gib": max(p["peak_reserved_gib"] for p in peaks), "per_gpu_peaks": peaks,
         "gradient_checkpointing": trainer.cfg.gradient_checkpointing,
+        "evaluations": evals,
+        # peaks count from the end of warm-up (on_step resets them there, before that step's evaluation)
+        "train_peak_reserved_gib": timed_evals[0]["peak_reserved_before_gib"] if timed_evals else None,
+        "eval_peak_reserved_gib": max((e["peak_reserved_after_gib"] for e in timed_evals), default=None),
         "losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records]}
 
 
@@ -279,6 +311,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps (after warm-up)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--records", type=int, default=4000)
+    ap.add_argument("--val-records", type=int, default=0,
+                    help="give every variant a validation file of N synthetic records (0: no evaluation), so the "
+                         "peak memory includes evaluation")
+    ap.add_argument("--eval-steps", type=int, default=5, help="with --val-records: evaluate every N steps (and at the end)")
     ap.add_argument("--lr", type=float, default=1e-3,
                     help="learning rate of every arm (high, so the loss check is decisive in a few steps)")
     ap.add_argument("--workdir", default=os.environ.get("BENCH_WORKDIR", "/tmp/hai_bench"))
@@ -321,6 +357,10 @@ def main() -> int:
     build_s = time.time() - t0
     data = work / "synthetic.jsonl"
     info = write_synthetic_jsonl(data, load_tokenizer(tok_dir), args.records, seed=0)
+    val_data = None
+    if args.val_records:
+        val_data = work / "synthetic_val.jsonl"
+        info["val"] = write_synthetic_jsonl(val_data, load_tokenizer(tok_dir), args.val_records, seed=1)
     n_params = matmul_params(resolve_shape(args.shape))
 
     if args.num_processes < 1:
@@ -338,7 +378,8 @@ def main() -> int:
     for i, spec in enumerate(specs):
         spec.update(model=str(ckpt), train_file=str(data), output_dir=str(work / f"run{i}"),
                     cache_dir=str(work / "tokcache"), warmup=args.warmup, steps=args.steps, lr=args.lr,
-                    result_file=str(work / f"result{i}.json"))
+                    val_file=str(val_data) if val_data and spec["name"] != "baseline" else None,
+                    eval_steps=args.eval_steps, result_file=str(work / f"result{i}.json"))
         subprocess.run(["rm", "-rf", spec["output_dir"], spec["result_file"]], check=False)
         t = time.time()
         cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
@@ -380,6 +421,10 @@ def main() -> int:
         speed = f"{r['real_tokens_per_s']:>10,.0f}" if r["training_ok"] else f"{'FAILED':>10}"
         print(f"{r['name']:<58} {speed} {ratio:>7.2f} {r['mfu']:>6.1%} {r['peak_allocated_gib']:>6.1f}G "
               f"{r['peak_reserved_gib']:>6.1f}G  loss {r['loss_first']:.3f}->{r['loss_last']:.3f}")
+        if r.get("eval_peak_reserved_gib") is not None:
+            print(f"{'':<4}{len(r['evaluations'])} evaluations: peak reserved {r['train_peak_reserved_gib']:.1f}G before "
+                  f"the first, {r['eval_peak_reserved_gib']:.1f}G with them; "
+                  f"{sum(e['seconds'] for e in r['evaluations']):.1f} s (left out of tok/s)")
         if r.get("num_processes", 1) > 1:
             scaling = r.get("scaling_vs_1_process")
             print(f"{'':<4}{r['num_processes']} processes: {r['real_tokens_per_s_per_gpu']:,.0f} tok/s per GPU"

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from hai_medqa import chat_format
 from hai_medqa.run_folder import ADAPTER_BEST, ADAPTER_LAST, TrainingRecord, list_checkpoints
-from hai_medqa.train import checkpoint
+from hai_medqa.train import checkpoint, eval_loss
 from hai_medqa.train.checkpoint import TrainState
 from hai_medqa.train.config import TrainConfig, check_fsdp_requirements, settle_config
 from hai_medqa.train.errors import NonFiniteLossError, TrainingError
@@ -227,7 +227,11 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (mean cross-entropy over answer tokens) and answer-token perplexity."""
+        """Validation loss (mean cross-entropy over answer tokens) and answer-token perplexity.
+
+        The loss comes from the final hidden states a chunk of positions at a time
+        (eval_loss.summed_nll): like training on the GPU profiles, evaluation never holds the
+        [tokens x vocab] logits."""
         assert self.val_ds is not None
         cfg, rt = self.cfg, self.runtime
         model = self.model
@@ -236,12 +240,10 @@ class Trainer:
                           tokens_per_micro_batch=cfg.tokens_per_micro_batch, micro_batch_size=cfg.micro_batch_size)
         total = torch.zeros((), device=rt.device, dtype=torch.float64)
         count = torch.zeros((), device=rt.device, dtype=torch.float64)
-        one = torch.tensor(1.0, device=rt.device)
+        head = eval_loss.output_head(self.peft_model)
         for mb in tqdm(plan[rt.rank::rt.world_size], desc="eval", leave=False, disable=not rt.is_main):
             batch = self.collate(self.val_ds, mb)
-            # num_items_in_batch=1 makes the model return the summed cross-entropy of the batch
-            out = model(**batch, use_cache=False, num_items_in_batch=one)
-            total += out.loss.double()
+            total += eval_loss.summed_nll(model, batch, head=head)
             count += self.answer_tokens(self.val_ds, [mb])
         if rt.world_size > 1:
             total = rt.accelerator.reduce(total, reduction="sum")
