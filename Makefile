@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install lint bench-cpu clean
+.PHONY: demo test test-engines gguf-demo install lint bench-cpu clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ demo: $(STAMP)
 # HAI_TEST_FLEX_CPU=1: also prove packing exact under flex attention on the CPU (~1 min of compiling).
 test: $(STAMP)
 	HAI_TEST_FLEX_CPU=1 $(PY) -m pytest -q
+
+# Cross-engine checks (issue 16): llama.cpp (built once from its sdist, ~10 min on 2 cores, then cached
+# outside the clone), transformers 4.57.6 in its own folder, mistral.rs and Go read what the project publishes.
+test-engines: $(STAMP)
+	PY=$(PY) bash .ci/engines.sh
+	HAI_ENGINE_TESTS=1 $(PY) -m pytest -q tests/engines
+
+# GGUF (f16, q8_0) + Ollama Modelfile of the demo's merged tiny model, after `make demo`.
+gguf-demo: $(STAMP)
+	$(PY) -m hai_medqa.publish.gguf_release outputs/demo/merged --repo-id your-hf-id/EXAONE-3.5-MedQA-demo --types f16,q8_0
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
