@@ -266,13 +266,13 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _worker_init(parent_pid: int) -> None:
-    """Runs first in every worker: the parent alone decides when to stop (Ctrl-C reaches the whole
-    process group), a SIGTERM/SIGHUP ends the worker at once, and on Linux the kernel kills the
-    worker when its parent dies, however it dies (SIGKILL included)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+    """Runs first in every worker. Stop signals are the parent's to act on (Ctrl-C and a scheduler's
+    SIGTERM reach the whole process group): a worker killed while sending a result would leave half
+    a message in the pool's result pipe, on which the pool's own thread then waits forever. On Linux
+    the kernel kills the worker when its parent dies, however it dies (SIGKILL included)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None:
-            signal.signal(sig, signal.SIG_DFL)  # a forked worker inherits the parent's Python handler
+            signal.signal(sig, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -280,27 +280,12 @@ def _worker_init(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Kill the workers now (an interrupt or an error): waiting for their queued batches would keep
-    an interrupted run alive for seconds and, if the parent went on to die, leave them running."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    for proc in processes:
-        with contextlib.suppress(Exception):
-            proc.terminate()
-    pool.shutdown(wait=False, cancel_futures=True)
-    for proc in processes:
-        with contextlib.suppress(Exception):
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-
-
 @contextlib.contextmanager
 def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """A process pool with its workers already started, or None for one worker. On any exception
-    (KeyboardInterrupt and the CLI's SIGTERM/SIGHUP interrupts included) the workers are killed
-    before the exception goes on."""
+    """A process pool with its workers already started, or None for one worker. Every worker has
+    exited when this returns, also on an exception (KeyboardInterrupt and the CLI's SIGTERM/SIGHUP
+    interrupts included): queued batches are cancelled and the running ones (a second's work at
+    most) finish first."""
     if workers <= 1:
         yield None
         return
@@ -309,12 +294,10 @@ def _worker_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
     )
     try:
-        for _ in range(workers):  # launch every worker now, before the progress bar starts a thread
-            pool.submit(int)
-        pool.submit(int).result()
+        pool.submit(int).result()  # launches every worker now, before the progress bar starts a thread
         yield pool
     except BaseException:
-        _stop_workers(pool)
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
 
