@@ -137,9 +137,12 @@ class _Rule:
     any_of: tuple[_Pattern, ...]
     none_of: tuple[_Pattern, ...]  # a turn matching one of these cannot contribute to this rule
     suppress_answer: bool
+    same_message: bool = False  # every pattern must match the latest message itself
 
     def match(self, turns: Sequence[_Turn]) -> str | None:
         """Matched snippets if the rule fires at the last of `turns` (the window), else None."""
+        if self.same_message:
+            turns = turns[-1:]
         usable = [t for t in turns if not any(p.search(t) is not None for p in self.none_of)]
         if not usable:
             return None
@@ -213,7 +216,7 @@ def _compile_rule(rule: Any, ri: int, category: str, terms: dict[str, str], path
     ctx = f"{category}.{rname}"
     if not isinstance(rule, dict) or not (rule.get("all") or rule.get("any")):
         raise SafetyConfigError(f"{path}: rule {ctx} needs an 'all' or 'any' list of regexes")
-    unknown = set(rule) - {"name", "all", "any", "none", "suppress_answer", "note"}
+    unknown = set(rule) - {"name", "all", "any", "none", "suppress_answer", "same_message", "note"}
     if unknown:
         raise SafetyConfigError(f"{path}: rule {ctx} has unknown keys {sorted(unknown)}")
     for key in ("all", "any", "none"):
@@ -228,10 +231,11 @@ def _compile_rule(rule: Any, ri: int, category: str, terms: dict[str, str], path
         all_of.append(tuple(_compile(p, terms, path, f"{ctx}.all[{i}]") for p in alternatives))
     any_of = tuple(_compile(p, terms, path, f"{ctx}.any[{i}]") for i, p in enumerate(rule.get("any") or []))
     none_of = tuple(_compile(p, terms, path, f"{ctx}.none[{i}]") for i, p in enumerate(rule.get("none") or []))
-    suppress = rule.get("suppress_answer", False)
-    if not isinstance(suppress, bool):
-        raise SafetyConfigError(f"{path}: rule {ctx}.suppress_answer must be true or false")
-    return _Rule(rname, tuple(all_of), any_of, none_of, suppress)
+    flags = {key: rule.get(key, False) for key in ("suppress_answer", "same_message")}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise SafetyConfigError(f"{path}: rule {ctx}.{key} must be true or false")
+    return _Rule(rname, tuple(all_of), any_of, none_of, flags["suppress_answer"], flags["same_message"])
 
 
 def _user_turns(conversation: str | Sequence[Mapping[str, Any]]) -> list[str]:
