@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "labelled as theirs, instead of stopping")
     p.add_argument("--allow-missing-license", action="store_true",
                    help="upload even though the base folder has no full EXAONE license text (the card says so)")
+    p.add_argument("--gguf", metavar="TYPES",
+                   help="also export GGUF files of the merged model (llama.cpp type names, comma-separated, e.g. "
+                        "f16,q8_0,q4_k_m) with an Ollama Modelfile into <output>-GGUF; with --push they go to "
+                        "<repo>-GGUF (docs/model_merge.md, 'Use it elsewhere')")
+    p.add_argument("--gguf-output", help="folder for the GGUF release (default: <output>-GGUF)")
     p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (after success)")
     p.add_argument("--log-file", help="also write the log to this file")
@@ -82,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_file)
     try:
-        make_release(
+        gguf_types = None
+        if args.gguf is not None:  # checked before the merge: a typo costs nothing
+            from hai_medqa.publish.gguf_export import parse_gguf_types
+            from hai_medqa.publish.gguf_release import make_gguf_release
+
+            if args.adapter_only:
+                raise HaiMedQAError("--gguf needs the merged model; it cannot be combined with --adapter-only")
+            gguf_types = parse_gguf_types(args.gguf)
+        result = make_release(
             args.base, args.adapter, args.output, merge_into=args.merge_into, layout=args.layout,
             repo_id=args.repo_id, push=args.push, private=args.private, adapter_only=args.adapter_only,
             dry_run=args.dry_run, allow_noncompliant_name=args.allow_noncompliant_name,
@@ -90,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             include_foreign_eval=args.include_foreign_eval, allow_missing_license=args.allow_missing_license,
             max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
         )
+        if gguf_types:
+            make_gguf_release(result.folder, gguf_types, repo_id=result.repo_id, out_dir=args.gguf_output,
+                              push=args.push, dry_run=args.dry_run, private=args.private,
+                              allow_noncompliant_name=args.allow_noncompliant_name, overwrite=args.overwrite)
     except USER_ERRORS as e:
         _error_line(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", args.log_file)
         return 1

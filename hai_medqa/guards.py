@@ -40,9 +40,9 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def _chain(path: Path) -> list[Path]:
-    """`path` and its ancestors, nearest first. Absolute but not normalised: ``link/..`` must stay
-    so that stat follows the link the way the system will."""
-    path = path.absolute()
+    """`path` and the folders above it, nearest first, every symlink and ``..`` resolved the way the
+    system will when writing (``link/x``'s parents are the link target's parents, not the link's)."""
+    path = Path(os.path.realpath(path))
     return [path, *path.parents]
 
 

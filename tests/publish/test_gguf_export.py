@@ -214,3 +214,20 @@ def test_export_streams_tensor_by_tensor(tmp_path):
     grown = (peak_kib - base_kib) * 1024
     assert (tmp_path / "big-F16.gguf").stat().st_size > model_bytes // 2 - (1 << 20)
     assert grown < model_bytes // 4, f"export grew the process by {grown >> 20} MiB for a {model_bytes >> 20} MiB model"
+
+
+def test_merge_and_upload_gguf_option(tiny_exaone_dir, tiny_lora_run, tmp_path, capsys):
+    import merge_and_upload
+
+    out = tmp_path / "merged"
+    args = ["--base", str(tiny_exaone_dir), "--adapter", str(tiny_lora_run / "adapter_best"), "--output", str(out),
+            "--repo-id", "EXAONE-tiny-HAI-MedQA", "--base-model-id", "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct"]
+    assert merge_and_upload.main([*args, "--gguf", "f16,q9"]) == 1  # refused before the merge
+    assert "unknown GGUF type 'q9'" in capsys.readouterr().err and not out.exists()
+    assert merge_and_upload.main([*args, "--gguf", "f16,q8_0", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    gguf_dir = tmp_path / "merged-GGUF"
+    assert sorted(p.name for p in gguf_dir.glob("*.gguf")) == ["EXAONE-tiny-HAI-MedQA-F16.gguf",
+                                                               "EXAONE-tiny-HAI-MedQA-Q8_0.gguf"]
+    assert not list(out.glob("*.gguf"))  # the merged repo's upload does not carry them
+    assert "EXAONE-tiny-HAI-MedQA-GGUF" in printed and "EXAONE-tiny-HAI-MedQA-Q8_0.gguf" in printed
