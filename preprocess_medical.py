@@ -6,7 +6,8 @@ Example: python preprocess_medical.py --input TL.zip --output data/train.jsonl
 
 import sys
 
-from hai_medqa.data.cli import main
+from hai_medqa.cli import run_cli
+from hai_medqa.data.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(run))

@@ -3,58 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from loguru import logger
 
+from ..cli import run_cli
+from ..guards import check_output_paths
 from ..logging_setup import setup_logging
-from .output_guard import check_output_paths
 from .pair import PAIRING_MODES
-from .preprocess import default_report_path, format_summary, run_preprocess
+from .preprocess import default_report_path, format_summary, input_labels, run_preprocess
 from .read import SPLIT_MARKERS
-from .schema import DataError
-
-# What job schedulers and closing terminals send, besides Ctrl-C. Each becomes an exception, so every
-# `finally` runs (partial files removed, workers stopped) instead of the process just vanishing.
-STOP_SIGNALS = tuple(
-    s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None
-)
-
-
-class Interrupted(KeyboardInterrupt):
-    """A stop signal (SIGINT, SIGTERM, SIGHUP) turned into an exception; exit status 128 + signum."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def signals_raise_interrupted() -> Iterator[None]:
-    """While inside, SIGINT/SIGTERM/SIGHUP raise Interrupted in the main thread. After the first one
-    the others are ignored, so the clean-up it starts (quick: workers are killed, a temporary file
-    deleted) is not itself cut short; the previous handlers come back on exit."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-
-    def handler(signum, _frame):
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        raise Interrupted(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def _file_state(path: str | os.PathLike) -> tuple[int, int, int] | None:
@@ -130,53 +90,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the preprocessing CLI; return the exit status (0 ok, 1 data error, 128 + signal number
-    when stopped by SIGINT (130), SIGTERM (143) or SIGHUP (129))."""
+def run(argv: list[str] | None = None) -> int:
+    """The preprocessing command; user errors and interrupts propagate (see `main`)."""
     args = build_parser().parse_args(argv)
     report_path = Path(args.report) if args.report else default_report_path(args.output)
-    try:  # before the log file is opened and before anything is read
-        check_output_paths(
-            args.input, {"--output": args.output, "--report": report_path, "--log-file": args.log_file}
-        )
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    # before the log file is opened (loguru appends: a log file that is an input would be damaged)
+    check_output_paths(
+        input_labels(args.input),
+        {"--output": args.output, "--report": report_path, "--log-file": args.log_file},
+    )
     setup_logging(args.log_file)
     before = _file_state(args.output)
-    with signals_raise_interrupted():
-        try:
-            try:
-                report = run_preprocess(
-                    args.input,
-                    args.output,
-                    pairing=args.pairing,
-                    seed=args.seed,
-                    drop_intro=args.drop_intro,
-                    max_pairs_per_folder=args.max_pairs_per_folder,
-                    split=args.split,
-                    allow_mixed_splits=args.allow_mixed_splits,
-                    workers=args.workers,
-                    report_path=report_path,
-                    progress=not args.no_progress,
-                )
-            except DataError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
-        except KeyboardInterrupt as e:  # also a signal landing while an error is reported
-            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-            what = (
-                f"{args.output} was not changed"
-                if _file_state(args.output) == before
-                else f"{args.output} was completely written, {report_path} was not"
-            )
-            print(f"error: interrupted by {signal.Signals(signum).name}; {what}", file=sys.stderr)
-            return 128 + signum
+    try:
+        report = run_preprocess(
+            args.input,
+            args.output,
+            pairing=args.pairing,
+            seed=args.seed,
+            drop_intro=args.drop_intro,
+            max_pairs_per_folder=args.max_pairs_per_folder,
+            split=args.split,
+            allow_mixed_splits=args.allow_mixed_splits,
+            workers=args.workers,
+            report_path=report_path,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP through run_cli: say what was kept
+        if _file_state(args.output) == before:
+            e.add_note(f"{args.output} was not changed")
+        else:
+            e.add_note(f"{args.output} was completely written, {report_path} was not")
+        raise
     print(format_summary(report))
     logger.info(
         "wrote {:,} records to {} in {:.1f} s", report["records"]["written"], args.output, report["seconds"]
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the preprocessing CLI through hai_medqa.cli.run_cli; return the exit status: 0 ok, 1 a
+    user error (``error: <one line>``), 128 + signal number when stopped by SIGINT (130), SIGTERM
+    (143) or SIGHUP (129) (``interrupted by <signal>: <what was kept>``)."""
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

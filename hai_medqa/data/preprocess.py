@@ -29,8 +29,8 @@ from pathlib import Path
 from loguru import logger
 from tqdm import tqdm
 
+from ..guards import check_output_paths
 from ..io_utils import atomic_path, fault_point, remove_stale_partials, sha256_file, write_json
-from .output_guard import check_output_paths
 from .pair import check_pairing, folder_rng, pair_indices
 from .read import (
     ANSWER,
@@ -356,6 +356,13 @@ def resolve_workers(workers: int | None, n_folders: int) -> int:
     )
 
 
+def input_labels(inputs: Sequence[str | os.PathLike]) -> dict[str, str | os.PathLike]:
+    """--input paths keyed by how an error should name them (`--input`, or `--input #2` when several)."""
+    if len(inputs) == 1:
+        return {"--input": inputs[0]}
+    return {f"--input #{i}": p for i, p in enumerate(inputs, 1)}
+
+
 def default_report_path(output: str | os.PathLike) -> Path:
     return Path(f"{output}.report.json")
 
@@ -378,8 +385,9 @@ def run_preprocess(
 
     inputs: label-root folders, TL/VL or 02.라벨링데이터 folders or the dataset root (searched), or
     TL.zip/VL.zip files. The report is also written to `report_path` (default `<output>.report.json`).
-    Raises DataError (one line, user-facing) for unusable inputs, for an output or report that would
-    overwrite an input (checked before anything is read), or when no record is produced; the
+    Raises DataError (one line, user-facing) for unusable inputs or when no record is produced, and
+    hai_medqa.guards.PathError for an output or report that would overwrite an input or cannot be
+    written (checked before anything is read); the
     output file is only replaced after a complete, successful run. Unfinished files of an earlier,
     killed run at the output or report path are removed first (and listed in the report).
     """
@@ -392,7 +400,7 @@ def run_preprocess(
     options = PairingOptions(pairing, seed, drop_intro, max_pairs_per_folder)
     output = Path(output)
     report_path = Path(report_path) if report_path is not None else default_report_path(output)
-    check_output_paths(inputs, {"--output": output, "--report": report_path})
+    check_output_paths(input_labels(inputs), {"--output": output, "--report": report_path})
     removed_partials = remove_stale_partials(output) + remove_stale_partials(report_path)
     sources, ignored = discover_sources(inputs, split=split, allow_mixed_splits=allow_mixed_splits)
     for source in sources:

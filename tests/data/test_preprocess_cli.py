@@ -140,7 +140,7 @@ def test_interrupted_run_never_touches_the_output(tmp_path, mid_size_tree, sig):
     assert out.read_text(encoding="utf-8") == "previous\n"
     if sig == signal.SIGINT:
         assert proc.returncode == 130
-        assert "error: interrupted" in stderr
+        assert f"interrupted by Ctrl-C (SIGINT): {out} was not changed" in stderr
         assert not list(tmp_path.glob(".train.jsonl.*"))  # the partial temporary file was removed
     else:
         assert proc.returncode == -signal.SIGKILL  # nothing can clean up; the output is still intact

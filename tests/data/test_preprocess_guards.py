@@ -11,9 +11,8 @@ import pytest
 
 from hai_medqa.data import run_preprocess
 from hai_medqa.data.cli import main
-from hai_medqa.data.output_guard import check_output_paths
-from hai_medqa.data.schema import DataError
 from hai_medqa.fixtures.aihub_sample import SAMPLE_DIR, VALIDATION_LABEL_ROOT
+from hai_medqa.guards import PathError
 from hai_medqa.io_utils import sha256_file
 
 
@@ -26,9 +25,7 @@ def work(tmp_path) -> Path:
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()
-    }
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _run(capsys, *args: str) -> tuple[int, list[str]]:
@@ -47,13 +44,13 @@ def _refused(capsys, work: Path, args: list[str], message: str) -> None:
 
 def test_output_that_is_the_input_zip_is_refused(work, capsys):
     z = str(work / "VL.zip")
-    _refused(capsys, work, ["--input", z, "--output", z], f"--output {z} is the input {z}")
+    _refused(capsys, work, ["--input", z, "--output", z], f"--output {z} is the input --input {z}")
 
 
 def test_report_that_is_the_output_is_refused(work, capsys):
     out = str(work / "val.jsonl")
     args = ["--input", str(work / "VL.zip"), "--output", out, "--report", out]
-    _refused(capsys, work, args, "--output and --report name the same file")
+    _refused(capsys, work, args, "--output and --report name the same path")
 
 
 def test_report_or_log_file_that_is_an_input_is_refused(work, capsys):
@@ -82,11 +79,13 @@ def test_output_reached_through_a_symlink_or_dotdot_is_refused(work, capsys):
     _refused(capsys, work, ["--input", str(work / "VL.zip"), "--output", str(dotdot)], "is the input")
 
 
-def test_same_file_under_two_cases_is_one_file(tmp_path):
+def test_same_file_under_two_cases_is_one_file(tmp_path, capsys):
     """On a case-insensitive system (macOS, Windows) Out.jsonl and out.jsonl are one file; refuse
     them as output and report everywhere rather than guess the file system."""
-    with pytest.raises(DataError, match="same file"):
-        check_output_paths([], {"--output": tmp_path / "Out.jsonl", "--report": tmp_path / "out.JSONL"})
+    args = ["--input", str(SAMPLE_DIR / "VL.zip"), "--output", str(tmp_path / "Out.jsonl")]
+    rc, errors = _run(capsys, *args, "--report", str(tmp_path / "out.JSONL"))
+    assert rc == 1 and "--output and --report name the same path" in errors[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_output_that_is_a_folder_is_refused_before_reading(work, capsys):
@@ -95,8 +94,18 @@ def test_output_that_is_a_folder_is_refused_before_reading(work, capsys):
     (work / "broken.zip").write_bytes((work / "VL.zip").read_bytes()[:1000])
     args = ["--input", str(work / "broken.zip"), "--output", str(work / "VL")]
     _refused(capsys, work, args, f"--output {work / 'VL'} is a folder")
+    (work / "reports").mkdir()
+    args = [
+        "--input",
+        str(work / "VL.zip"),
+        "--output",
+        str(work / "val.jsonl"),
+        "--report",
+        str(work / "reports"),
+    ]
+    _refused(capsys, work, args, f"--report {work / 'reports'} is a folder")
     args = ["--input", str(work / "VL.zip"), "--output", str(work / "val.jsonl"), "--report", str(work)]
-    _refused(capsys, work, args, f"--report {work} is a folder")
+    _refused(capsys, work, args, f"--report {work} contains the input --input {work / 'VL.zip'}")
 
 
 def test_output_below_a_file_is_refused(work, capsys):
@@ -120,7 +129,7 @@ def test_output_in_a_read_only_folder_is_refused(work, capsys):
 def test_the_python_entry_point_is_guarded_too(work):
     z = work / "VL.zip"
     before = sha256_file(z)
-    with pytest.raises(DataError, match="is the input"):
+    with pytest.raises(PathError, match="is the input"):
         run_preprocess([z], z, progress=False)
     assert sha256_file(z) == before
 
