@@ -29,9 +29,9 @@ A variant is PROFILE[:key=value,...] with any TrainConfig key as an override.
 
 Evaluation (`--val-records N`): the Trainer gets a validation file of N synthetic records and evaluates
 every `--eval-steps` steps and at the end, as S_F2.py does with the shipped configs. The reported peak
-memory then includes evaluation (`eval_peak_reserved_gib`: the peak over the evaluations alone, and
-`train_peak_reserved_gib`: the peak before the first one); evaluation and the adapter it saves are
-timed apart and left out of the tokens/s.
+memory then includes evaluation (`peak_reserved_gib`, and apart: `train_peak_reserved_gib` just before
+the first evaluation, `eval_peak_reserved_gib` the highest after any); evaluation and the adapter it
+saves are timed apart and left out of the tokens/s.
     python bench/train_throughput.py --shape 7.8b --variants lean --val-records 400 --eval-steps 2
 
 Several GPUs (`--num-processes N`): every variant runs under `accelerate launch` with
@@ -192,7 +192,6 @@ def run_variant(spec: dict) -> dict:
     if not trainer.is_main:
         return None
     timed = [r for r in records if r["step"] > spec["warmup"]]
-    timed_evals = [e for e in evals if e["step"] >= spec["warmup"]]
     wall = sum(r["wall"] for r in timed)  # includes collation and logging: what users get
     tokens = sum(r["tokens"] for r in timed)
     return {"name": spec["name"], "profile": trainer.profile_used, "config": {
@@ -210,9 +209,10 @@ def run_variant(spec: dict) -> dict:
         "peak_reserved_gib": max(p["peak_reserved_gib"] for p in peaks), "per_gpu_peaks": peaks,
         "gradient_checkpointing": trainer.cfg.gradient_checkpointing,
         "evaluations": evals,
-        # peaks count from the end of warm-up (on_step resets them there, before that step's evaluation)
-        "train_peak_reserved_gib": timed_evals[0]["peak_reserved_before_gib"] if timed_evals else None,
-        "eval_peak_reserved_gib": max((e["peak_reserved_after_gib"] for e in timed_evals), default=None),
+        # Reserved memory stays with PyTorch's allocator, so each reading covers everything before it
+        # (back to the start, or to the warm-up reset when the first evaluation comes after it).
+        "train_peak_reserved_gib": evals[0]["peak_reserved_before_gib"] if evals else None,
+        "eval_peak_reserved_gib": max((e["peak_reserved_after_gib"] for e in evals), default=None),
         "losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records]}
 
 
@@ -331,6 +331,9 @@ def main() -> int:
     ap.add_argument("--no-single-reference", action="store_true",
                     help="with --num-processes > 1, skip the 1-process run of each variant (e.g. FSDP on a model "
                          "that does not fit one GPU)")
+    ap.add_argument("--same-global-batch", action="store_true",
+                    help="with --num-processes N > 1, run the 1-process reference with N times the accumulation, so "
+                         "both take the same optimizer steps and their loss curves can be compared step by step")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -369,7 +372,11 @@ def main() -> int:
     specs = []
     for v in variants:
         if args.num_processes == 1 or not args.no_single_reference:
-            specs.append(dict(v, processes=1))
+            single = dict(v, processes=1)
+            if args.same_global_batch and args.num_processes > 1:
+                acc = int(v["overrides"].get("gradient_accumulation_steps", 1)) * args.num_processes
+                single["overrides"] = {**v["overrides"], "gradient_accumulation_steps": acc}
+            specs.append(single)
         if args.num_processes > 1:
             specs.append(dict(v, name=f"{v['name']} x{args.num_processes}", processes=args.num_processes))
     if args.baseline:
@@ -402,6 +409,9 @@ def main() -> int:
         single = singles.get(r["name"].rsplit(" x", 1)[0]) if r.get("num_processes", 1) > 1 else None
         if single and "error" not in r:
             r["scaling_vs_1_process"] = r["real_tokens_per_s"] / single["real_tokens_per_s"]
+            if args.same_global_batch and len(r.get("losses", [])) == len(single.get("losses", [])) > 0:
+                rel = [abs(a - b) / abs(b) for a, b in zip(r["losses"], single["losses"], strict=True)]
+                r["loss_vs_1_process"] = {"mean_rel_diff": sum(rel) / len(rel), "max_rel_diff": max(rel)}
     import bitsandbytes
     import peft
     import transformers  # noqa: E401 - versions for the record
