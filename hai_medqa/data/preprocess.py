@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ..guards import check_output_paths
 from ..io_utils import atomic_path, fault_point, remove_stale_partials, sha256_file, write_json
+from ..run_folder import preprocess_report_path
 from .pair import check_pairing, folder_rng, pair_indices
 from .read import (
     ANSWER,
@@ -364,7 +365,8 @@ def input_labels(inputs: Sequence[str | os.PathLike]) -> dict[str, str | os.Path
 
 
 def default_report_path(output: str | os.PathLike) -> Path:
-    return Path(f"{output}.report.json")
+    """`<output>.report.json`: the name lives in hai_medqa.run_folder (training reads it too)."""
+    return preprocess_report_path(output)
 
 
 def run_preprocess(
