@@ -93,7 +93,8 @@ def _kiwi():
 
 @functools.lru_cache(maxsize=4096)
 def lemma_view(text: str) -> str:
-    """The lemma view of `text`: space-separated morphemes, predicates in dictionary form (쉬다),
+    """The lemma view of `text`: space-separated morphemes, predicates in dictionary form (쉬다, and
+    the verb/adjective suffixes 하/되 as 하다/되다),
     punctuation dropped, lower-case, padded with one space on each side (patterns match whole tokens
     by writing `` 숨 `` with spaces)."""
     text = unicodedata.normalize("NFKC", text or "")
@@ -103,7 +104,12 @@ def lemma_view(text: str) -> str:
     for tok in _kiwi().tokenize(text):
         if tok.tag in _DROPPED_TAGS:
             continue
-        word = tok.lemma if tok.tag.startswith("V") else tok.form
+        if tok.tag.startswith("V"):
+            word = tok.lemma
+        elif tok.tag.startswith(("XSV", "XSA")):  # 하/되 of 자살하다, 곤란하다: kiwipiepy gives no lemma
+            word = tok.form + "다"
+        else:
+            word = tok.form
         tokens.append(word.translate(_JONGSEONG).lower())
     return " " + " ".join(tokens) + " "
 
@@ -204,6 +210,9 @@ def _compile(pattern: Any, terms: dict[str, str], where: Path, context: str) -> 
     body = pattern[len(LEMMA_PREFIX):] if lemma else pattern
     if not body:
         raise SafetyConfigError(f"{where}: {context} has an empty regex after {LEMMA_PREFIX!r}")
+    if not lemma and LEMMA_PREFIX in body:  # "a|lemma: b" would look for the literal text "lemma:"
+        raise SafetyConfigError(f"{where}: {context} has {LEMMA_PREFIX!r} inside a text pattern; give the lemma "
+                                "pattern its own entry (an 'all' entry may be a list of alternatives)")
     expanded = _substitute(body, terms, where, context)
     try:
         return _Pattern(lemma, re.compile(expanded))

@@ -1,8 +1,9 @@
-"""Recall and false-alarm rate of the chat safety layer on the held-out set, per category.
+"""Recall and false-alarm rate of the chat safety layer on the evaluation sets, per category.
 
     python -m hai_medqa.inference.safety_eval [--output outputs/safety_eval/safety_eval.json] [--check-targets]
 
-The set (``hai_medqa/resources/safety_eval/``, see its README) holds single user messages and
+Every set is measured on its own (default: the main set in ``hai_medqa/resources/safety_eval/`` and
+each ``round*/`` folder under it, see its README; ``--data-dir`` picks others). A set holds single user messages and
 multi-turn dialogues, each with the categories that must fire (``expect``) and whether the answer
 must be withheld (``suppress``). A positive dialogue is judged at its last user turn; an ordinary
 item counts as a false alarm if anything fires at ANY of its user turns. Figures come with a Wilson
@@ -288,7 +289,9 @@ def format_markdown(results: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hai_medqa.inference.safety_eval",
                                 description="Recall / false-alarm rate of the chat safety layer on the held-out set.")
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder with utterances.jsonl and dialogues.jsonl")
+    p.add_argument("--data-dir", action="append",
+                   help="folder with utterances.jsonl and dialogues.jsonl (repeatable; default: the main set and "
+                        "every round*/ folder under it)")
     p.add_argument("--rules", help="safety rules file (default: the bundled safety_keywords.json)")
     p.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON file to write the figures to")
     p.add_argument("--check-targets", action="store_true",
@@ -296,32 +299,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_data_dirs() -> list[Path]:
+    """The main set, then every ``round*/`` folder under it that holds a set, in name order."""
+    rounds = sorted(p for p in DEFAULT_DATA_DIR.glob("round*") if (p / DATA_FILES[0]).is_file())
+    return [DEFAULT_DATA_DIR, *rounds]
+
+
+def set_name(data_dir: Path) -> str:
+    """``main`` for the bundled main set, else the folder name."""
+    return "main" if data_dir.resolve() == DEFAULT_DATA_DIR.resolve() else data_dir.name
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    data_dir, output = Path(args.data_dir), Path(args.output)
+    data_dirs = [Path(d) for d in args.data_dir] if args.data_dir else default_data_dirs()
+    output = Path(args.output)
     rules_path = Path(args.rules) if args.rules else DEFAULT_RULES_PATH
-    if output.resolve().parent == data_dir.resolve() or output.suffix != ".json":
-        raise SafetyEvalError(f"--output must be a .json file outside the evaluation set folder: {output}")
-    items = load_items(data_dir)  # the set and the rules are checked before any work
+    if output.suffix != ".json" or any(output.resolve().parent == d.resolve() for d in data_dirs):
+        raise SafetyEvalError(f"--output must be a .json file outside the evaluation set folders: {output}")
+    names = [set_name(d) for d in data_dirs]
+    if len(set(names)) != len(names):
+        raise SafetyEvalError(f"two evaluation sets share a name: {', '.join(names)}")
+    sets = {name: load_items(d) for name, d in zip(names, data_dirs, strict=True)}  # every set checked first
     layer = SafetyLayer(rules_path)
     started = time.perf_counter()
     lemma_view("가슴이 아파요")  # load kiwipiepy once, so the per-turn figure below is the steady state
     load_s = time.perf_counter() - started
-    started = time.perf_counter()
-    results = evaluate(layer, items)
-    n_turns = sum(1 for it in items for m in it.messages if m["role"] == "user")
-    results["timing"] = {"kiwipiepy_load_s": round(load_s, 2),
-                         "ms_per_assessed_turn": round(1000 * (time.perf_counter() - started) / max(n_turns, 1), 2)}
-    results["inputs"] = {
+    report: dict[str, Any] = {
         "rules": {"path": rules_path.name, "sha256": sha256_file(rules_path), "window_user_turns": layer.window_user_turns},
-        "data": {name: sha256_file(data_dir / name) for name in DATA_FILES},
+        "targets": {name: f"{op} {bound:.0%}" for name, (op, bound) in TARGETS.items()},
+        "kiwipiepy_load_s": round(load_s, 2),
+        "sets": {},
     }
-    write_json(output, results)
-    print(format_markdown(results))
-    for name, target in results["targets"].items():
-        print(f"{name}: {target['value']:.1%} (target {target['target']}): {'met' if target['met'] else 'MISSED'}")
+    for (name, items), data_dir in zip(sets.items(), data_dirs, strict=True):
+        started = time.perf_counter()
+        results = evaluate(layer, items)
+        n_turns = sum(1 for it in items for m in it.messages if m["role"] == "user")
+        results["ms_per_assessed_turn"] = round(1000 * (time.perf_counter() - started) / max(n_turns, 1), 2)
+        results["data"] = {"dir": name, **{f: sha256_file(data_dir / f) for f in DATA_FILES}}
+        report["sets"][name] = results
+        print(f"## {name}\n\n{format_markdown(results)}\n")
+        for target_name, target in results["targets"].items():
+            print(f"{name} {target_name}: {target['value']:.1%} (target {target['target']}): "
+                  f"{'met' if target['met'] else 'MISSED'}")
+        print()
+    report["all_targets_met"] = all(r["all_targets_met"] for r in report["sets"].values())
+    write_json(output, report)
     print(f"written: {output}")
-    if args.check_targets and not results["all_targets_met"]:
+    if args.check_targets and not report["all_targets_met"]:
         return EXIT_TARGET_MISSED
     return 0
 

@@ -188,6 +188,7 @@ def test_custom_rules_file_is_used(tmp_path):
         (lambda d: d.update(window_user_turns=0), "'window_user_turns'"),
         (lambda d: d.pop("withheld_answer"), "'withheld_answer'"),
         (lambda d: d["terms"].update(t="lemma: 숨 "), "terms.t starts with 'lemma:'"),
+        (lambda d: d["categories"][0]["rules"].append({"name": "mix", "any": ["숨|lemma: 숨 "]}), "emergency.mix.any[0] has 'lemma:'"),
     ],
 )
 def test_malformed_rules_give_one_clear_error(tmp_path, mutate, message):
@@ -458,13 +459,16 @@ def test_held_out_set_meets_the_targets(repo_root, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hai_medqa.inference.safety_eval", "--output", str(out), "--check-targets"],
                           cwd=repo_root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONIOENCODING": "utf-8"})
-    results = json.loads(out.read_text(encoding="utf-8"))
-    m = results["metrics"]
-    assert m["emergency_recall"]["all"]["rate"] >= 0.95, results["misses"]["emergency"]
-    assert m["self_harm_recall"]["all"]["rate"] >= 0.95, results["misses"]["self_harm"]
-    assert m["ordinary_false_alarm"]["all"]["rate"] <= 0.05, results["misses"]["ordinary_false_alarms"]
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert list(report["sets"]) == [safety_eval.set_name(d) for d in safety_eval.default_data_dirs()]
+    assert report["sets"]["main"]["counts"]["korean_utterances"] >= 150
+    for name, results in report["sets"].items():
+        m = results["metrics"]
+        assert m["emergency_recall"]["all"]["rate"] >= 0.95, (name, results["misses"]["emergency"])
+        assert m["self_harm_recall"]["all"]["rate"] >= 0.95, (name, results["misses"]["self_harm"])
+        assert m["ordinary_false_alarm"]["all"]["rate"] <= 0.05, (name, results["misses"]["ordinary_false_alarms"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "| emergency |" in proc.stdout and results["counts"]["korean_utterances"] >= 150
+    assert "## main" in proc.stdout and "| emergency |" in proc.stdout
 
 
 def test_evaluation_reports_a_missed_target(tmp_path, capsys):
@@ -475,11 +479,14 @@ def test_evaluation_reports_a_missed_target(tmp_path, capsys):
     rules = _write_rules_obj(gut)
     try:
         out = tmp_path / "eval.json"
-        rc = safety_eval.main(["--rules", rules, "--output", str(out), "--check-targets"])
+        rc = safety_eval.main(["--rules", rules, "--output", str(out), "--check-targets",
+                               "--data-dir", str(safety_eval.DEFAULT_DATA_DIR)])
     finally:
         os.unlink(rules)
     assert rc == safety_eval.EXIT_TARGET_MISSED
-    results = json.loads(out.read_text(encoding="utf-8"))
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["all_targets_met"] is False and list(report["sets"]) == ["main"]
+    results = report["sets"]["main"]
     assert results["targets"]["emergency_recall"]["met"] is False
     assert results["metrics"]["emergency_recall"]["all"]["k"] == 0
     assert "**MISSED**" in capsys.readouterr().out
@@ -504,7 +511,7 @@ def test_malformed_evaluation_set_gives_one_clear_error(tmp_path, line, message)
 
 
 def test_evaluation_output_may_not_land_in_the_set(tmp_path):
-    with pytest.raises(safety_eval.SafetyEvalError, match="outside the evaluation set folder"):
+    with pytest.raises(safety_eval.SafetyEvalError, match="outside the evaluation set folders"):
         safety_eval.main(["--output", str(safety_eval.DEFAULT_DATA_DIR / "x.json")])
 
 
