@@ -322,7 +322,7 @@ def eval_model_identity(model: str | Path | None, adapter: str | Path | None = N
     if adapter_dir is not None:
         record = read_training_record(adapter_dir)
         if base_id is None and record is not None and record.base_model:
-            out["base_model"], out["base_model_revision"] = record.base_model, record.base_model_revision
+            out["base_model"], out["base_model_revision"] = hub_reference(record.base_model, record.base_model_revision)
         out.update(weights="adapter", fingerprint=model_fingerprint(adapter_dir))
         return out
     if folder is None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hai_medqa.errors import HaiMedQAError
-from hai_medqa.run_folder import EVAL_MODEL_KEY
+from hai_medqa.run_folder import EVAL_MODEL_KEY, hub_reference
 
 
 class EvalMismatchError(HaiMedQAError, ValueError):
@@ -90,7 +90,9 @@ def whose(identity: dict[str, Any], label: Any = None) -> str:
 def bind(path: str | Path, released: ReleasedModel) -> BoundEval:
     """Read one eval_results.json and decide whether it measured `released`."""
     results = read_eval(path)
-    identity = results.get(EVAL_MODEL_KEY) if isinstance(results.get(EVAL_MODEL_KEY), dict) else {}
+    identity = dict(results[EVAL_MODEL_KEY]) if isinstance(results.get(EVAL_MODEL_KEY), dict) else {}
+    if identity.get("base_model"):  # a record that names the base by a local folder: by Hub id, if it has one
+        identity["base_model"] = hub_reference(identity["base_model"])[0]
     label = results.get("model")
     same_base = not (identity.get("base_model") and released.base_model
                      and identity["base_model"] != released.base_model)

@@ -284,17 +284,21 @@ def _training_section(facts: Mapping[str, Any]) -> str:
     return text
 
 
+_RUN_DATA_LABELS = {"train_file": "train", "val_file": "validation"}
+
+
 def _data_section(facts: Mapping[str, Any]) -> str:
+    """From the trainer's record (TrainingRecord.data), else from the provenance the release found
+    for run_info.json's data files, else their hashes and counts alone."""
     record = facts.get("training_record") if isinstance(facts.get("training_record"), Mapping) else {}
     run_info = facts.get("run_info") if isinstance(facts.get("run_info"), Mapping) else {}
-    text = describe_training_data(record.get("data"), run_data=run_info.get("data"))
-    if text.startswith("The training data was not recorded"):
-        # the run's shareable run_info may carry the provenance of its data files
-        data = {k: {**v.get("provenance", {}), "file": v.get("file"), "sha256": v.get("sha256"),
-                    "records": v.get("records")}
-                for k, v in (run_info.get("data") or {}).items() if isinstance(v, Mapping) and v.get("provenance")}
-        text = describe_training_data(data or None, run_data=run_info.get("data"))
-    return text + ("\n\nThe data is distributed by its owners under their own terms and is not redistributed here.")
+    run_data = run_info.get("data") if isinstance(run_info.get("data"), Mapping) else {}
+    data = record.get("data") or {
+        _RUN_DATA_LABELS.get(k, k): {**v["provenance"], "file": v.get("file"), "sha256": v.get("sha256"),
+                                     "records": v["provenance"].get("records", v.get("records"))}
+        for k, v in run_data.items() if isinstance(v, Mapping) and isinstance(v.get("provenance"), Mapping)}
+    text = describe_training_data(data or None, run_data={_RUN_DATA_LABELS.get(k, k): v for k, v in run_data.items()})
+    return text + "\n\nThe data is distributed by its owners under their own terms and is not redistributed here."
 
 
 def _license_section(full_text: bool | None) -> str:

@@ -165,8 +165,9 @@ def shareable_eval(results: dict[str, Any]) -> dict[str, Any]:
                               "adapter": Path(value["adapter"]).name if isinstance(value.get("adapter"), str) else None})
         elif key == "data" and isinstance(value, dict):
             out[key] = _data_file(value)
-        elif key == EVAL_MODEL_KEY:
-            out[key] = value
+        elif key == EVAL_MODEL_KEY and isinstance(value, dict):
+            base = value.get("base_model")
+            out[key] = scrub({**value, "base_model": _model_ref(base)["base_model"] if base else None})
         else:
             out[key] = scrub(value, key)
     return out
