@@ -8,7 +8,9 @@
 
 Every key of hai_medqa/train/config.py:TrainConfig can be set in the YAML file or overridden here
 (``--lora-r 8`` or ``--lora_r=8``). Exit codes: 0 finished, 1 error (one line on stderr),
-75 interrupted by SIGINT/SIGTERM after saving a checkpoint (continue with --resume).
+75 interrupted by SIGINT/SIGTERM/SIGHUP during training after saving a checkpoint (continue with
+--resume); an interrupt before training starts, or a second Ctrl-C, exits 128 + the signal number
+(hai_medqa.cli.run_cli, as every entry point).
 """
 
 from __future__ import annotations
@@ -40,28 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/exaone35_7.8b_qlora.yaml", help="YAML config file")
     args, rest = parser.parse_known_args(argv)
 
-    from hai_medqa.config import ConfigError, load_config, parse_cli_overrides
+    from hai_medqa.config import load_config, parse_cli_overrides
     from hai_medqa.train.config import TrainConfig
 
-    try:
-        cfg, explicit = load_config(TrainConfig, args.config, parse_cli_overrides(rest))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    cfg, explicit = load_config(TrainConfig, args.config, parse_cli_overrides(rest))
 
-    from hai_medqa.errors import HaiMedQAError
     from hai_medqa.train.trainer import EXIT_INTERRUPTED, run_training
 
     try:
         summary = run_training(cfg, explicit)
-    except HaiMedQAError as e:  # every user-facing error of every stage: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: aborted by a second Ctrl-C; nothing was saved for the current step", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # before training started, or a second Ctrl-C: no checkpoint for this step
+        e.add_note("nothing after the last checkpoint was saved")
+        raise
     return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hai_medqa.cli import run_cli
+
+    sys.exit(run_cli(main))  # errors: one line, exit 1; interrupts: 128 + signal

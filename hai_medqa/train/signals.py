@@ -1,4 +1,4 @@
-"""SIGINT/SIGTERM during training: finish the step, save a checkpoint, exit with EXIT_INTERRUPTED.
+"""SIGINT/SIGTERM/SIGHUP during training: finish the step, save a checkpoint, exit with EXIT_INTERRUPTED.
 
     with StopSignals() as stop:
         ...
@@ -6,7 +6,8 @@
             save; return "interrupted"
 
 A second Ctrl-C raises KeyboardInterrupt at once (abort without saving). The previous handlers come
-back when the block ends. Outside the main thread (no handlers can be set) nothing is installed.
+back when the block ends (outside training, `hai_medqa.cli.run_cli` turns the same signals into an
+interrupt). Outside the main thread (no handlers can be set) nothing is installed.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from typing import Any
 
 from loguru import logger
 
-EXIT_INTERRUPTED = 75
-"""Exit code after a SIGINT/SIGTERM checkpoint (EX_TEMPFAIL: "try again", i.e. run with --resume)."""
+from hai_medqa.cli import STOP_SIGNALS
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_INTERRUPTED = 75
+"""Exit code after a signal's checkpoint (EX_TEMPFAIL: "try again", i.e. run with --resume)."""
+
+_SIGNALS = (signal.SIGINT, *STOP_SIGNALS)  # Ctrl-C, a scheduler's SIGTERM, a closed terminal's SIGHUP
 
 
 class StopSignals:
-    """Records SIGINT/SIGTERM instead of dying mid-step (see module docstring)."""
+    """Records SIGINT/SIGTERM/SIGHUP instead of dying mid-step (see module docstring)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
