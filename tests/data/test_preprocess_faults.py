@@ -309,7 +309,7 @@ def test_stop_after_the_output_was_renamed(tree, tmp_path, capsys, sig):
     _next_run(tree, seen, capsys)
 
 
-@pytest.mark.parametrize("delay", [0.35, 0.5, 0.65])
+@pytest.mark.parametrize("delay", [0.4, 0.6])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_stop_at_an_arbitrary_moment(tree, tmp_path, capsys, sig, delay):
     """No pause: the signal lands wherever the run is (start-up, indexing, pairing, writing, done)."""
