@@ -76,13 +76,16 @@ def _raise_interrupted(signum: int, _frame) -> None:
 @contextlib.contextmanager
 def signals_raise(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
     """While the block runs, each of `signals` raises `Interrupted` in the main thread; the previous
-    handlers come back afterwards. A no-op outside the main thread (Python only delivers there)."""
+    handlers come back afterwards. A signal the process was started ignoring stays ignored (``nohup``
+    must keep working), and outside the main thread this is a no-op (Python only delivers there)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {}
     try:
         for sig in signals:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                continue
             previous[sig] = signal.signal(sig, _raise_interrupted)
         yield
     finally:

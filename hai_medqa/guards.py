@@ -51,12 +51,22 @@ def _labelled(paths: Mapping[str, PathLike | None] | Iterable[PathLike | None]) 
     return [(label, Path(p)) for label, p in items if p is not None and str(p) != ""]
 
 
-def _same_new_name(a: Path, b: Path) -> bool:
-    if os.path.abspath(a) == os.path.abspath(b):
+def _name_key(path: Path) -> tuple[tuple[int, int] | None, tuple[str, ...]]:
+    """(identity of the nearest existing folder, the rest of the path up to case and Unicode form)."""
+    chain = _chain(path)
+    for depth, ancestor in enumerate(chain):
+        ident = _identity(ancestor)
+        if ident is not None:
+            rest = [p.name for p in chain[:depth]][::-1]
+            return ident, tuple(unicodedata.normalize("NFC", part).casefold() for part in rest)
+    return None, ()
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    ident = _identity(a)
+    if ident is not None and ident == _identity(b):
         return True
-    pa, pb = _identity(a.absolute().parent), _identity(b.absolute().parent)
-    norm = lambda s: unicodedata.normalize("NFC", s).casefold()  # noqa: E731
-    return pa is not None and pa == pb and norm(a.name) == norm(b.name)
+    return os.path.abspath(a) == os.path.abspath(b) or _name_key(a) == _name_key(b)
 
 
 def check_input_kinds(files: Mapping[str, PathLike | None] | None = None,
@@ -93,10 +103,13 @@ def check_output_paths(
     outs = _labelled(outputs)
     for i, (label, out) in enumerate(outs):
         for other, other_path in outs[i + 1:]:
-            ident = _identity(out)
-            if _same_new_name(out, other_path) or (ident is not None and ident == _identity(other_path)):
+            if _same_path(out, other_path):
                 raise PathError(f"{label} and {other} name the same path ({out}); give two different paths")
         chain = _chain(out)
+        # the folder the run writes into: the output folder itself, or a file's nearest existing parent
+        nearest = next(a for a in (chain if label in folders and out.is_dir() else chain[1:]) if os.path.lexists(a))
+        if not nearest.is_dir():
+            raise PathError(f"{label} {out} cannot be created: {nearest} is a file, not a folder")
         for ancestor in chain:
             ident = _identity(ancestor)
             if ident is None:
@@ -118,9 +131,5 @@ def check_output_paths(
             raise PathError(f"{label} {out} is a folder; expected a file path")
         elif out.exists() and not out.is_file():
             raise PathError(f"{label} {out} exists and is not a regular file")
-        # the folder the run writes into: the output folder itself, or a file's nearest existing parent
-        nearest = next(a for a in (chain if label in folders else chain[1:]) if os.path.lexists(a))
-        if not nearest.is_dir():
-            raise PathError(f"{label} {out} cannot be created: {nearest} is a file, not a folder")
         if not os.access(nearest, os.W_OK | os.X_OK):
             raise PathError(f"{label} {out} cannot be written: no write permission in {nearest}")

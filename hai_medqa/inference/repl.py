@@ -70,11 +70,20 @@ class ChatSession:
 
     def fit_prompt(self, user_text: str) -> str | None:
         """The next turn's prompt, after dropping the oldest exchanges that no longer fit (with a
-        notice); None, with a message, when the system prompt and the question alone do not fit."""
-        prompt = self.prompt_for(user_text)
+        notice); None, with a message and the history kept, when the system prompt and the question
+        alone do not fit."""
         budget = self.prompt_budget()
         if budget is None:
-            return prompt
+            return self.prompt_for(user_text)
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        alone = self._n_tokens(render(system + [{"role": "user", "content": user_text}], add_generation_prompt=True))
+        if alone > budget:
+            self._write(f"(질문이 너무 깁니다 / the question is too long: {alone} prompt tokens with the system prompt, "
+                        f"but the model's {self.lm.max_positions}-token context leaves {budget} once "
+                        f"{self.settings.max_new_tokens} are kept for the answer; shorten it or lower "
+                        "--max-new-tokens)\n")
+            return None
+        prompt = self.prompt_for(user_text)
         dropped = 0
         while self.history and self._n_tokens(prompt) > budget:
             del self.history[:2]  # the oldest exchange: one user message and its answer
@@ -84,25 +93,23 @@ class ChatSession:
             self._write(f"(대화가 길어 가장 오래된 {dropped}턴을 잊었습니다 / dropped the {dropped} oldest turn(s): the "
                         f"conversation no longer fit the model's {self.lm.max_positions}-token context with "
                         f"{self.settings.max_new_tokens} tokens left for the answer)\n")
-        n = self._n_tokens(prompt)
-        if n > budget:
-            self._write(f"(질문이 너무 깁니다 / the question is too long: {n} prompt tokens with the system prompt, "
-                        f"but the model's {self.lm.max_positions}-token context leaves {budget} once "
-                        f"{self.settings.max_new_tokens} are kept for the answer; shorten it or lower "
-                        "--max-new-tokens)\n")
-            return None
         return prompt
 
     def respond(self, user_text: str) -> str | None:
         """Run one turn: safety notice, streamed answer, disclaimer; keep the exchange in history.
 
-        Returns the model's answer, or None if generation was interrupted (Ctrl-C) or the question
-        does not fit the context: the turn is then not kept, so the next prompt stays well-formed.
-        SIGTERM/SIGHUP (`hai_medqa.cli.Interrupted`) end the session instead.
+        Returns the model's answer, or None if generation was interrupted (Ctrl-C), the question
+        does not fit the context, or the safety layer withholds the answer (a request for self-harm
+        methods): the turn is then not kept, so the next prompt stays well-formed (and never carries
+        a withheld request). SIGTERM/SIGHUP (`hai_medqa.cli.Interrupted`) end the session instead.
         """
-        notice = self.safety.notices(user_text)
-        if notice:
-            self._write(notice + "\n")
+        # the safety layer reads the recent user turns together: the history and this message
+        verdict = self.safety.assess(self.history + [{"role": "user", "content": user_text}])
+        if verdict.notice:
+            self._write(verdict.notice + "\n")
+        if verdict.suppress_answer:  # only the help resources, no model answer
+            self._write(verdict.withheld + "\n")
+            return None
         prompt = self.fit_prompt(user_text)
         if prompt is None:
             return None

@@ -100,3 +100,17 @@ def test_argparse_exit_passes_through():
 
     with pytest.raises(SystemExit):
         run_cli(main)
+
+
+def test_an_ignored_signal_stays_ignored():
+    """`nohup chat.py ...` starts with SIGHUP ignored: the wrapper must not turn it back on."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        def main(argv):
+            os.kill(os.getpid(), signal.SIGHUP)
+            return 0
+
+        assert run_cli(main) == 0
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

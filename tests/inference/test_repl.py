@@ -141,3 +141,34 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     rc = run_cli(chat_main, ["--model", str(tmp_path / "nope"), "--prompt", "두통"])
     err = capsys.readouterr().err
     assert rc == 1 and "error: " in err and "nope" in err and "Traceback" not in err
+
+
+def test_repl_drops_the_oldest_turns_to_fit_the_context(repo_root, tiny_exaone_dir, tiny_lm):
+    """The tiny model takes 1024 positions; with 8 kept for the answer, three ~310-token questions no
+    longer fit: the oldest exchange goes (with a notice), never the system prompt or the question. A
+    question too long on its own is refused and the history kept."""
+    max_new = 8
+    filler = "어제부터 머리가 아프고 열이 나며 목이 따끔거립니다. " * 9
+    questions = [f"{i}번째 질문: {filler}".strip() for i in range(1, 5)]
+    too_long = "아주 긴 질문: " + filler * 4
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "chat.py"), "--model", str(tiny_exaone_dir), "--dtype", "float32",
+         "--device", "cpu", "--max-new-tokens", str(max_new), "--show-prompt", "--no-safety"],
+        input="\n".join([*questions[:3], too_long, questions[3]]) + "\n", capture_output=True, text=True,
+        encoding="utf-8", timeout=300, cwd=repo_root, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    prompts = [json.loads(line[len("[prompt] "):]) for line in proc.stderr.splitlines() if line.startswith("[prompt] ")]
+    assert len(prompts) == 4  # the too-long question generated nothing
+    budget = tiny_lm.model.config.max_position_embeddings - max_new
+    n_tokens = [len(tiny_lm.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    assert all(n <= budget for n in n_tokens), n_tokens
+    system_turn = chat_format.render([{"role": "system", "content": SYS}])
+    for prompt, question in zip(prompts, [*questions[:3], questions[3]], strict=True):
+        assert prompt.startswith(system_turn)  # the system prompt is never dropped
+        assert prompt.endswith(f"[|user|]{question}\n[|assistant|]")  # nor the current question
+    # turn 3 no longer holds question 1 but still holds question 2; turn 4 (after the refused one) holds 3
+    assert questions[0] not in prompts[2] and questions[1] in prompts[2]
+    assert questions[1] not in prompts[3] and questions[2] in prompts[3] and too_long not in prompts[3]
+    assert proc.stdout.count("dropped the 1 oldest turn(s)") == 2
+    assert "the question is too long" in proc.stdout
