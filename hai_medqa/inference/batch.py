@@ -100,13 +100,12 @@ def run_batch(
     answers = generate_journaled(lm, prompts, keys, settings, journal, batch_size=batch_size, progress=True)
     out_records = []
     for (lineno, record, messages), answer in zip(items, answers, strict=True):
-        user_text = messages[-1]["content"]
-        out_records.append({
+        out_records.append({  # the safety layer reads the conversation's recent user turns together
             **record,
             "line": lineno,
-            "answer": safety.wrap(user_text, answer),
+            "answer": safety.wrap(messages, answer),
             "model_answer": answer,
-            "safety": safety.categories_hit(user_text),
+            "safety": safety.categories_hit(messages),
         })
     n = write_jsonl(output_path, out_records)
     journal.remove()
