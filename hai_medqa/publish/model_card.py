@@ -23,6 +23,8 @@ from hai_medqa.publish.license import EXAONE_CITATION, EXAONE_LICENSE_NAME, EXAO
 from hai_medqa.run_folder import (
     ADAPTER_CONFIG,
     ADAPTER_LLAMA_SUBFOLDER,
+    AIHUB_DATASET,
+    AIHUB_DATASET_URL,
     EVAL_MODEL_KEY,
     EVAL_RESULTS,
     MERGE_INFO,
@@ -32,6 +34,7 @@ from hai_medqa.run_folder import (
     RESOLVED_CONFIG,
     RUN_INFO,
     SUMMARY,
+    SYNTHETIC_SAMPLE,
     TRAINING_RECORD,
     TrainingRecord,
     describe_training_data,
@@ -287,17 +290,36 @@ def _training_section(facts: Mapping[str, Any]) -> str:
 _RUN_DATA_LABELS = {"train_file": "train", "val_file": "validation"}
 
 
-def _data_section(facts: Mapping[str, Any]) -> str:
-    """From the trainer's record (TrainingRecord.data), else from the provenance the release found
-    for run_info.json's data files, else their hashes and counts alone."""
-    record = facts.get("training_record") if isinstance(facts.get("training_record"), Mapping) else {}
+def _run_data(facts: Mapping[str, Any]) -> dict[str, Any]:
     run_info = facts.get("run_info") if isinstance(facts.get("run_info"), Mapping) else {}
     run_data = run_info.get("data") if isinstance(run_info.get("data"), Mapping) else {}
-    data = record.get("data") or {
-        _RUN_DATA_LABELS.get(k, k): {**v["provenance"], "file": v.get("file"), "sha256": v.get("sha256"),
-                                     "records": v["provenance"].get("records", v.get("records"))}
-        for k, v in run_data.items() if isinstance(v, Mapping) and isinstance(v.get("provenance"), Mapping)}
-    text = describe_training_data(data or None, run_data={_RUN_DATA_LABELS.get(k, k): v for k, v in run_data.items()})
+    return {_RUN_DATA_LABELS.get(k, k): v for k, v in run_data.items()}
+
+
+def _training_data(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """The training data's provenance: the trainer's record (TrainingRecord.data), else what the
+    release found for run_info.json's data files; {} when neither is recorded."""
+    record = facts.get("training_record") if isinstance(facts.get("training_record"), Mapping) else {}
+    return record.get("data") or {
+        k: {**v["provenance"], "file": v.get("file"), "sha256": v.get("sha256"),
+            "records": v["provenance"].get("records", v.get("records"))}
+        for k, v in _run_data(facts).items() if isinstance(v, Mapping) and isinstance(v.get("provenance"), Mapping)}
+
+
+def _data_summary(facts: Mapping[str, Any]) -> str:
+    """What the model was trained on, in a few words, for the card's first paragraph."""
+    train = _training_data(facts).get("train") or {}
+    if train.get("source") == SYNTHETIC_SAMPLE:
+        return ("on the **bundled synthetic sample** of the HAI MedQA project (a few hundred generated records "
+                "in AI Hub's layout: a pipeline demonstration, not a medical model)")
+    if train.get("source") == AIHUB_DATASET:
+        return f"on Korean healthcare question answering ([{AIHUB_DATASET}]({AIHUB_DATASET_URL}))"
+    return "on Korean healthcare question answering data whose source was not recorded"
+
+
+def _data_section(facts: Mapping[str, Any]) -> str:
+    """From the recorded provenance (`_training_data`), else the data files' hashes and counts alone."""
+    text = describe_training_data(_training_data(facts) or None, run_data=_run_data(facts))
     return text + "\n\nThe data is distributed by its owners under their own terms and is not redistributed here."
 
 
@@ -336,15 +358,14 @@ def render_model_card(
     base_rev = release.get("base_model_revision") or merge.get("base_model_revision")
     base_link = f"[{base_model}](https://huggingface.co/{base_model})" if "/" in base_model else f"`{base_model}`"
     if adapter_only:
-        what = (f"a LoRA adapter for {base_link}, trained with QLoRA (4-bit NF4 base) on Korean healthcare "
-                "question answering.")
+        what = f"a LoRA adapter for {base_link}, trained with QLoRA (4-bit NF4 base) {_data_summary(facts)}."
         form = ("LoRA adapter (PEFT format, safetensors) under EXAONE-3.5's own module names; the Llama-named "
                 f"original is in `{ADAPTER_LLAMA_SUBFOLDER}/`.")
     else:
         into = {"original": "the original (unquantised) base weights",
                 "nf4": "the NF4-quantised-then-dequantised base weights (the exact training-time forward)"}
-        what = (f"{base_link} fine-tuned with QLoRA on Korean healthcare question answering, with the LoRA update "
-                f"merged into {into.get(merge.get('merge_into'), 'the base weights')}.")
+        what = (f"{base_link} fine-tuned with QLoRA {_data_summary(facts)}, with the LoRA update merged into "
+                f"{into.get(merge.get('merge_into'), 'the base weights')}.")
         form = (
             "Full merged weights in the Llama layout: loads with plain `transformers`, no remote code."
             if layout == "llama" else

@@ -60,6 +60,8 @@ def test_card_data_section_comes_from_the_preprocess_report(provenance_run, tiny
     out = tmp_path / "m"
     make_release(str(tiny_exaone_dir), provenance_run, out, repo_id=REPO_ID, base_model=BASE_ID)
     text = (out / "README.md").read_text(encoding="utf-8")
+    intro = text[text.index("# EXAONE"):text.index("## 의료 면책 고지")]
+    assert "fine-tuned with QLoRA on the **bundled synthetic sample**" in intro and "not a medical model" in intro
     data = text[text.index("## Training data"):text.index("## Training settings")]
     assert "**train**: `train.jsonl`, 243 records" in data and "**validation**: `val.jsonl`" in data
     assert data.count("bundled synthetic sample") == 2 and "not AI Hub data" in data
