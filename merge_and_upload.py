@@ -74,13 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _error_line(message: str, log_file: str | None) -> None:
-    """One line on stderr, the same line in the log file (the console sink is left out of it)."""
-    print(message, file=sys.stderr, flush=True)
+def _to_log_file(log_file: str | None, message: str, *, traceback: bool = False) -> None:
+    """`message` (with the current traceback) in the log file only: the console has its own line."""
     if log_file:
         logger.remove()
         logger.add(log_file, level="DEBUG", encoding="utf-8")
-        logger.error(message)
+        (logger.opt(exception=True) if traceback else logger).error(message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
                               push=args.push, dry_run=args.dry_run, private=args.private,
                               allow_noncompliant_name=args.allow_noncompliant_name, overwrite=args.overwrite)
     except USER_ERRORS as e:
-        _error_line(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", args.log_file)
+        line = f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        print(line, file=sys.stderr, flush=True)
+        _to_log_file(args.log_file, line)
         return 1
+    except Exception as e:  # a bug: its traceback on the console and in the log file
+        _to_log_file(args.log_file, f"unexpected {type(e).__name__}: {e}", traceback=True)
+        raise
     return 0
 
 
