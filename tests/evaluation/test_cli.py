@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -148,3 +153,138 @@ def test_bad_inputs_fail_before_loading_a_model(tmp_path, monkeypatch, capsys, a
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
     assert f"error: {message}" in err or (message in err and err.startswith("error: "))
+
+
+# ---------------------------------------------------------------- guards (before any model loads)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    from hai_medqa.evaluation import cli as eval_cli
+
+    def tripwire(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(eval_cli, "load_for_inference", tripwire)
+
+
+@pytest.mark.parametrize("case", ["output_dir_is_file", "output_in_model", "output_in_adapter", "data_is_folder",
+                                  "kormedmcqa_is_file"])
+def test_paths_are_checked_before_any_work(tmp_path, tiny_exaone_dir, tiny_lora_run, val_jsonl, capsys,
+                                           no_model_load, case):
+    out, data, extra = tmp_path / "eval", val_jsonl, []
+    expected = {"output_dir_is_file": "is a file; expected a folder", "output_in_model": "lies inside the input --model",
+                "output_in_adapter": "lies inside the input --adapter", "data_is_folder": "is a folder; expected a file",
+                "kormedmcqa_is_file": "is a file; expected a folder"}[case]
+    if case == "output_dir_is_file":
+        out = tmp_path / "results.json"
+        out.write_text("keep me", encoding="utf-8")
+    elif case == "output_in_model":
+        out = tiny_exaone_dir / "eval"
+    elif case == "output_in_adapter":
+        extra = ["--adapter", str(tiny_lora_run)]
+        out = tiny_lora_run / "adapter_best"
+    elif case == "data_is_folder":
+        data = tmp_path
+    elif case == "kormedmcqa_is_file":
+        extra = ["--kormedmcqa", str(val_jsonl)]
+    rc = run_cli(eval_main, ["--model", str(tiny_exaone_dir), "--data", str(data), "--output-dir", str(out), *extra])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert not (tiny_exaone_dir / "eval").exists() and not (tiny_lora_run / "adapter_best" / "eval_results.json").exists()
+    if case == "output_dir_is_file":
+        assert out.read_text(encoding="utf-8") == "keep me"
+
+
+def test_results_may_go_into_the_run_folder(tmp_path, tiny_exaone_dir, tiny_lora_run, val_jsonl, no_model_load):
+    """RUN/eval_results.json is where merge_and_upload.py looks: the adapter read is RUN/adapter_best."""
+    with pytest.raises(AssertionError, match="a model was loaded"):  # the guards let it through
+        eval_main(["--model", str(tiny_exaone_dir), "--adapter", str(tiny_lora_run), "--data", str(val_jsonl),
+                   "--output-dir", str(tiny_lora_run)])
+
+
+# ---------------------------------------------------------------- interrupt and resume (real kills)
+
+EVAL_ARGS = ["--dtype", "float32", "--device", "cpu", "--samples", "8", "--batch-size", "2", "--max-new-tokens", "8",
+             "--kormedmcqa-subsets", "pharm,dentist", "--kormedmcqa-max-new-tokens", "3"]
+
+
+def _eval_args(repo_root, tiny_exaone_dir, run, val, out) -> list[str]:
+    return ["--model", str(tiny_exaone_dir), "--compare", "base", str(run), "--labels", "base", "ft", "--data", str(val),
+            "--kormedmcqa", str(repo_root / "tests" / "fixtures" / "kormedmcqa"), "--output-dir", str(out), *EVAL_ARGS]
+
+
+def _snapshot(out) -> dict:
+    """Every result file, with the creation time (the one field two runs never share) taken out."""
+    files = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        name = path.relative_to(out).as_posix()
+        if name.endswith(".json"):
+            obj = json.loads(path.read_text(encoding="utf-8"))
+            for res in [obj, *(obj.get("results") or {}).values()]:
+                res.pop("created", None)
+            files[name] = obj
+        elif not name.endswith(".png"):  # matplotlib embeds nothing variable, but the plot is checked by size only
+            files[name] = path.read_bytes()
+        else:
+            files[name] = path.stat().st_size > 5000
+    return files
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_eval(tmp_path_factory, repo_root, tiny_exaone_dir, tiny_lora_run, val_jsonl) -> dict:
+    out = tmp_path_factory.mktemp("eval_full") / "eval"
+    assert run_cli(eval_main, _eval_args(repo_root, tiny_exaone_dir, tiny_lora_run, val_jsonl, out)) == 0
+    snap = _snapshot(out)
+    assert not [n for n in snap if n.endswith(".partial")]  # the journals are gone
+    return snap
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, during", [(signal.SIGINT, "base"), (signal.SIGTERM, "ft"), (signal.SIGKILL, "base")],
+                         ids=["SIGINT-first-model", "SIGTERM-second-model", "SIGKILL-first-model"])
+def test_killed_evaluation_resumes_to_the_same_results(tmp_path, repo_root, tiny_exaone_dir, tiny_lora_run, val_jsonl,
+                                                       uninterrupted_eval, capsys, sig, during):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file", encoding="utf-8")
+    proc = subprocess.Popen(
+        [sys.executable, str(repo_root / "evaluate.py"), *_eval_args(repo_root, tiny_exaone_dir, tiny_lora_run,
+                                                                    val_jsonl, out)],
+        cwd=repo_root, text=True, encoding="utf-8", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C as at a terminal
+    journal = out / during / "eval_results.json.partial"
+    deadline = time.monotonic() + 300
+    while _entries(journal) < 2:  # two answers of `during` are done: interrupt now
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before it could be interrupted: {proc.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, "no answers were journaled in time"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}[sig], err[-2000:]
+    if sig != signal.SIGKILL:
+        last = err.rstrip().splitlines()[-1]
+        assert last.startswith(f"interrupted by {'Ctrl-C (SIGINT)' if sig == signal.SIGINT else 'SIGTERM'}: ")
+        assert f"kept in {journal}; run the same command with --resume to continue" in last
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "the user's own file"
+    assert not (out / "compare.json").exists() and not (out / during / "eval_results.json").exists()
+    leftovers = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    done_first = ["base/eval_results.json", "base/eval_results.json.partial", "base/kormedmcqa_items.jsonl",
+                  "base/predictions.jsonl"] if during == "ft" else []
+    assert leftovers == sorted([*done_first, f"{during}/eval_results.json.partial", "notes.txt"])  # nothing stray
+
+    assert run_cli(eval_main, _eval_args(repo_root, tiny_exaone_dir, tiny_lora_run, val_jsonl, out)) == 1
+    assert "add --resume to continue it" in capsys.readouterr().err
+    assert run_cli(eval_main, [*_eval_args(repo_root, tiny_exaone_dir, tiny_lora_run, val_jsonl, out), "--resume"]) == 0
+    (out / "notes.txt").unlink()
+    assert _snapshot(out) == uninterrupted_eval
+
+
+def _entries(journal) -> int:
+    try:
+        return max(0, journal.read_bytes().count(b"\n") - 1)
+    except FileNotFoundError:
+        return 0
