@@ -24,6 +24,7 @@ from hai_medqa.inference.safety import SafetyLayer
 from hai_medqa.inference.system_prompt import choose_system_prompt
 from hai_medqa.io_utils import sha256_file
 from hai_medqa.logging_setup import setup_logging
+from hai_medqa.run_folder import find_adapter_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +58,8 @@ def _check_paths(args: argparse.Namespace) -> None:
     check_input_kinds(files={"--input": args.input, "--safety-rules": args.safety_rules},
                       folders={"--model": model, "--adapter": args.adapter})
     if args.output is not None:
-        adapter = local_path(args.adapter)
+        # what is read of a run folder is its adapter (RUN/adapter_best): answers may go into RUN itself
+        adapter = find_adapter_dir(args.adapter) if local_path(args.adapter) else None
         check_output_paths(
             {"--input": args.input, "--model": model, "--adapter": adapter, "--safety-rules": args.safety_rules},
             {"--output": args.output, "--output's journal": journal_path(args.output)},

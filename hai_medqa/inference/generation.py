@@ -265,11 +265,6 @@ def batch_plan(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def prompt_lengths(lm: LoadedModel, prompts: Sequence[str]) -> list[int]:
-    """Token count of each rendered prompt (no special tokens added, as in training)."""
-    return [len(ids) for ids in lm.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-
-
 @torch.inference_mode()
 def iter_generate_ids(
     lm: LoadedModel,
