@@ -140,7 +140,7 @@ def build_gguf_release(merged_dir: str | Path, types: str | Sequence[str], *, re
     if not overwrite and existing_gguf_matches(out, merged_dir, type_list):
         logger.info(f"{out} already holds this GGUF export; reusing it")
         return out
-    check_output_path(out, [merged_dir], overwrite or (out / GGUF_INFO).is_file())
+    check_output_path(out, [merged_dir], overwrite)
     basename = repo_id.rsplit("/", 1)[-1]
     system_prompt = trained_system_prompt(merged_dir)
     with atomic_dir(out) as tmp:

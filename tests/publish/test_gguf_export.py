@@ -181,6 +181,10 @@ def test_release_folder_and_push_to_gguf_repo(merged, tmp_path, monkeypatch):
     before = (out / "EXAONE-tiny-HAI-MedQA-F16.gguf").stat().st_mtime_ns
     build_gguf_release(merged, "f16,q8_0", repo_id="labuser/EXAONE-tiny-HAI-MedQA", out_dir=out)
     assert (out / "EXAONE-tiny-HAI-MedQA-F16.gguf").stat().st_mtime_ns == before
+    # another export into the same folder replaces nothing without --overwrite
+    with pytest.raises(Exception, match="already exists"):
+        build_gguf_release(merged, "f16", repo_id="labuser/EXAONE-tiny-HAI-MedQA", out_dir=out)
+    assert (out / "EXAONE-tiny-HAI-MedQA-Q8_0.gguf").is_file()
 
 
 def test_export_streams_tensor_by_tensor(tmp_path):
@@ -212,6 +216,7 @@ def test_export_streams_tensor_by_tensor(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     base_kib, peak_kib = map(int, proc.stdout.split()[-2:])
     grown = (peak_kib - base_kib) * 1024
+    print(f"GGUF f16 export of a {model_bytes >> 20} MiB model grew the peak RSS by {grown >> 20} MiB")
     assert (tmp_path / "big-F16.gguf").stat().st_size > model_bytes // 2 - (1 << 20)
     assert grown < model_bytes // 4, f"export grew the process by {grown >> 20} MiB for a {model_bytes >> 20} MiB model"
 
