@@ -40,7 +40,11 @@ class TrainConfig:
     cache_dir: str | None = None
     """Tokenisation cache; default: <parent of output_dir>/.tokenized_cache."""
     system_prompt: str | None = None
-    """None = hai_medqa.chat_format.DEFAULT_SYSTEM_PROMPT; "" = the empty system turn."""
+    """None = hai_medqa.chat_format.DEFAULT_SYSTEM_PROMPT; "" = the empty system turn; a name of
+    chat_format.SYSTEM_PROMPTS ("default", "original": the original project's prompt) = that prompt."""
+    train_turns: Literal["all", "last"] = "all"
+    """Which assistant turns of a multi-turn record carry loss: every one (each answer and its
+    [|endofturn|]), or only the last (the earlier answers are context). Single-turn records: the same."""
     max_length: int = 2048
     overlong: Literal["truncate", "drop"] = "truncate"
     """Samples longer than max_length: cut the answer (keeping [|endofturn|]) or drop the sample."""

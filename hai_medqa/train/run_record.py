@@ -41,8 +41,8 @@ from hai_medqa.train.plots import plot_loss_curve, read_metrics
 TRAIN_LOG = "train.log"
 """The run's log file (read by people only, so not part of the stage contract in run_folder.py)."""
 
-_TRAIN_STATS = ("records", "unusable_records", "samples", "truncated", "dropped_overlong", "dropped_prompt_too_long",
-                "tokens", "answer_tokens")
+_TRAIN_STATS = ("records", "unusable_records", "formats", "samples", "truncated", "dropped_overlong",
+                "dropped_prompt_too_long", "dropped_turns", "split_sequences", "trained_turns", "tokens", "answer_tokens")
 
 
 class RunRecord:

@@ -358,7 +358,7 @@ class Trainer:
         cfg = self.cfg
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out.resolve().parent / TOKEN_CACHE_DIR
         common = {"max_length": cfg.max_length, "overlong": cfg.overlong, "system_prompt": cfg.system_prompt,
-                  "cache_dir": cache_dir, "eot_id": self.chat_ids.eot_id}
+                  "cache_dir": cache_dir, "eot_id": self.chat_ids.eot_id, "train_turns": cfg.train_turns}
         with self.runtime.accelerator.main_process_first():  # rank 0 tokenises, the others hit its cache
             train_ds = load_tokenized(cfg.train_file, self.tokenizer, max_samples=cfg.max_train_samples,
                                       what="train_file", **common)

@@ -1,4 +1,5 @@
-"""Padding-free packing: the plan, the tensors, and exactness against running each sample alone."""
+"""Padding-free packing: the plan, the tensors, and exactness against running each sample alone - single-turn
+samples and multi-turn ones whose every assistant turn carries loss."""
 
 from __future__ import annotations
 
@@ -33,11 +34,35 @@ def tokenizer(tiny_exaone_dir):
     return load_tokenizer(tiny_exaone_dir)
 
 
+# Consultations: every assistant turn (follow-up question and answer) carries loss.
+MULTI = [
+    [("배가 아파요", "복통은 어떤 부위에 발생하나요?"), ("오른쪽 아랫배요", "외과 진료를 받아 보세요.")],
+    [("기침이 나요", "언제부터인가요?"), ("3주째요", "호흡기내과 진료를 받아 보세요."), ("고마워요", "몸조심하세요.")],
+]
+
+
+def _turns(pairs):
+    return [m for q, a in pairs for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+
+
 @pytest.fixture(scope="module")
 def ds(tokenizer) -> TokenizedDataset:
-    records = [(i + 1, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
-               for i, (q, a) in enumerate(QA)]
+    """Samples 0-4 single-turn (QA), 5-6 multi-turn (MULTI)."""
+    records = [(i + 1, _turns([qa])) for i, qa in enumerate(QA)]
+    records += [(len(QA) + i + 1, _turns(pairs)) for i, pairs in enumerate(MULTI)]
     return tokenize_records(records, tokenizer, max_length=4096, system_prompt=chat_format.DEFAULT_SYSTEM_PROMPT)
+
+
+def test_multi_turn_samples_carry_loss_on_every_answer(ds, tokenizer):
+    eot = tokenizer.convert_tokens_to_ids(chat_format.EOT)
+    for i, pairs in zip((5, 6), MULTI, strict=True):
+        labels = ds.labels(i)
+        trained = labels[labels != IGNORE_INDEX].tolist()
+        assert trained == [t for _, a in pairs for t in tokenizer(a, add_special_tokens=False)["input_ids"] + [eot]]
+        assert int(ds.answer_lengths[i]) == len(trained)
+        # a prompt (user turn) sits between the answers: the loss is not one contiguous block
+        runs = np.flatnonzero(np.diff((labels != IGNORE_INDEX).astype(int)) == 1)
+        assert len(runs) == len(pairs)
 
 
 @pytest.fixture(scope="module")
@@ -91,22 +116,26 @@ def test_group_into_steps_depends_only_on_the_global_batch():
 
 
 def test_collate_packed_layout(ds):
-    row = collate_packed(ds, [0, 2, 4], pad_to=1000, pad_token_id=0)
-    lens = [int(ds.lengths[i]) for i in (0, 2, 4)]
+    row = collate_packed(ds, [0, 5, 2, 6], pad_to=1400, pad_token_id=0)
+    lens = [int(ds.lengths[i]) for i in (0, 5, 2, 6)]
     pos = row["position_ids"][0].tolist()
-    assert row["input_ids"].shape == row["labels"].shape == row["position_ids"].shape == (1, 1000)
+    assert row["input_ids"].shape == row["labels"].shape == row["position_ids"].shape == (1, 1400)
     assert "attention_mask" not in row  # transformers derives per-sample attention from position_ids
     off = 0
-    for n in lens:
+    for i, n in zip((0, 5, 2, 6), lens, strict=True):
         assert pos[off:off + n] == list(range(n))
+        assert row["labels"][0, off:off + n].tolist() == ds.labels(i).tolist()  # every answer's labels, in place
         off += n
-    assert pos[off:] == list(range(1000 - off))  # filler: its own position run
+    assert pos[off:] == list(range(1400 - off))  # filler: its own position run
     assert (row["labels"][0, off:] == IGNORE_INDEX).all() and (row["input_ids"][0, off:] == 0).all()
-    assert count_loss_tokens(row) == sum(int(ds.answer_lengths[i]) for i in (0, 2, 4))
+    assert count_loss_tokens(row) == sum(int(ds.answer_lengths[i]) for i in (0, 5, 2, 6))
+    padded = collate_padded(ds, [5, 0])
+    assert padded["labels"][0, :int(ds.lengths[5])].tolist() == ds.labels(5).tolist()
+    assert count_loss_tokens(padded) == int(ds.answer_lengths[5] + ds.answer_lengths[0])
 
 
 def test_packed_loss_equals_each_sample_alone(ds, model):
-    idx = [0, 1, 2, 3, 4]
+    idx = [0, 5, 1, 2, 6, 3, 4]
     row = collate_packed(ds, idx)
     with torch.no_grad():
         packed_logits = model(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False).logits[0]
@@ -158,11 +187,11 @@ def test_fixed_length_filler_changes_nothing(ds, model):
 def test_step_loss_is_the_token_mean_however_the_step_is_batched(ds, model):
     """Summed per-micro-batch losses divided by the step's answer tokens: one packed row, two packed rows
     and a padded batch give the same loss and the same gradients (what Trainer.train_step relies on)."""
-    n_items = torch.tensor(float(sum(int(ds.answer_lengths[i]) for i in range(5))))
+    n_items = torch.tensor(float(sum(int(ds.answer_lengths[i]) for i in range(7))))
     layouts = {
-        "one_row": [collate_packed(ds, [0, 1, 2, 3, 4])],
-        "two_rows": [collate_packed(ds, [3, 0]), collate_packed(ds, [2, 4, 1], pad_to=2000)],
-        "padded": [collate_padded(ds, [0, 1, 2]), collate_padded(ds, [3, 4])],
+        "one_row": [collate_packed(ds, [0, 1, 2, 3, 4, 5, 6])],
+        "two_rows": [collate_packed(ds, [3, 0, 6]), collate_packed(ds, [2, 4, 5, 1], pad_to=3000)],
+        "padded": [collate_padded(ds, [0, 1, 5, 2]), collate_padded(ds, [3, 6, 4])],
     }
     params = [p for p in model.parameters() if p.ndim == 2][:3]
     results = {}
@@ -180,7 +209,7 @@ def test_step_loss_is_the_token_mean_however_the_step_is_batched(ds, model):
     with torch.no_grad():
         s = sum(per_sample_loss(model(input_ids=torch.from_numpy(ds.sample(i)[0].astype(np.int64))[None],
                                       use_cache=False).logits[0], torch.from_numpy(ds.labels(i))).item()
-                for i in range(5))
+                for i in range(7))
     assert ref_loss == pytest.approx(s / n_items.item(), rel=1e-5)
     for name in ("two_rows", "padded"):
         loss, grads = results[name]
