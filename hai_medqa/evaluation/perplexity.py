@@ -1,9 +1,10 @@
 """Answer-token perplexity of reference answers: how likely the model finds the human answer.
 
-The tokens scored are exactly the training loss tokens - the answer plus ``[|endofturn|]``, after
-the rendered prompt - because the samples are tokenised by the training code itself
-(`hai_medqa.train.sft_data.tokenize_records`, which uses `chat_format.split_prompt_answer`). So
-``log(answer_ppl)`` on the validation file is comparable to the trainer's validation loss.
+The tokens scored are exactly the training loss tokens of the last answer - the answer plus
+``[|endofturn|]``, after the rendered prompt - because the samples are tokenised by the training code
+itself (`hai_medqa.train.sft_data.tokenize_records` with ``train_turns="last"``). So
+``log(answer_ppl)`` on a single-turn validation file is comparable to the trainer's validation loss
+(which, on multi-turn records, also covers the earlier assistant turns).
 
 Aggregation is token-weighted: ``exp(sum of answer-token NLL / number of answer tokens)`` over all
 samples (a per-sample mean of perplexities would let a few short answers dominate).
@@ -80,7 +81,7 @@ def answer_perplexity(
     `system_prompt` follows `chat_format.resolve_system_prompt` (None = the default, "" = none).
     """
     records = list(enumerate(conversations, 1))
-    ds = tokenize_records(records, tokenizer, max_length=max_length, overlong="truncate",
+    ds = tokenize_records(records, tokenizer, max_length=max_length, overlong="truncate", train_turns="last",
                           system_prompt=resolve_system_prompt(system_prompt), desc="tokenising references")
     if len(ds) == 0:
         raise ValueError("no reference answer fits in max_length; raise --max-length")
