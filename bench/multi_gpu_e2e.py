@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shape == "tiny":
         common.update(max_eval_samples=16, lora_dropout=0.05)
         if on_gpu:
-            common.update(compute_dtype="bfloat16", cpu_threads=0)
+            common.update(compute_dtype="bfloat16", cpu_threads="null")
     if args.profile:
         common["profile"] = args.profile
     report: dict = {"argv": sys.argv[1:], "launcher": args.launcher, "num_processes": n, "shape": args.shape,
