@@ -211,12 +211,13 @@ def conversation_for(record: Any, purpose: Purpose) -> tuple[str, list[dict]]:
 
 
 def iter_conversations(path: str | Path, report: ReadReport, *, purpose: Purpose = "train",
-                       what: str = "input") -> Iterator[Conversation]:
+                       what: str = "input", log: bool = True) -> Iterator[Conversation]:
     """Stream the usable records of a jsonl file as `Conversation`s, filling `report` as it goes.
 
     Unusable lines (bad JSON, unknown or mixed-up formats, incomplete records) are counted and
-    reported one line each (``what: path:line: problem``; after five, only counted). Streaming keeps
-    memory flat for millions of records. The caller checks that the file exists.
+    reported one line each (``what: path:line: problem``; after five, only counted; nothing is
+    logged with ``log=False``). Streaming keeps memory flat for millions of records. The caller
+    checks that the file exists.
     """
     path = Path(path)
     with open(path, encoding="utf-8-sig") as f:
@@ -234,14 +235,15 @@ def iter_conversations(path: str | Path, report: ReadReport, *, purpose: Purpose
                 report.unusable += 1
                 problem = f"{path}:{lineno}: {e}"
                 report.first_problem = report.first_problem or problem
-                if report.unusable <= _MAX_WARNINGS:
+                if log and report.unusable <= _MAX_WARNINGS:
                     logger.warning(f"{what}: skipping record: {problem}")
-                elif report.unusable == _MAX_WARNINGS + 1:
+                elif log and report.unusable == _MAX_WARNINGS + 1:
                     logger.warning(f"{what}: further unusable records in {path} are counted, not listed")
                 continue
             report.formats[fmt] += 1
             yield Conversation(lineno, fmt, messages, record)
-    logger.info(f"{what}: {path}: {report.describe()}")
+    if log:
+        logger.info(f"{what}: {path}: {report.describe()}")
 
 
 def read_conversations(path: str | Path, *, purpose: Purpose = "train",

@@ -98,12 +98,16 @@ def iter_sft_records(path: str | Path, stats: dict[str, Any], *, what: str = "tr
     if not path.is_file():
         raise TrainingDataError(f"{what} not found: {path}")
     report = ReadReport(str(path))
-    stats.update(records=0, unusable_records=0, first_problem=None, formats={})
+
+    def update() -> None:  # also when the caller stops early (max_samples)
+        stats.update(records=report.records, unusable_records=report.unusable, first_problem=report.first_problem,
+                     formats=dict(sorted(report.formats.items())))
+
+    update()
     for conv in iter_conversations(path, report, purpose="train", what=what):
-        stats.update(records=report.records, unusable_records=report.unusable, first_problem=report.first_problem)
+        update()
         yield conv.line, conv.messages
-    stats.update(records=report.records, unusable_records=report.unusable, first_problem=report.first_problem,
-                 formats=dict(sorted(report.formats.items())))
+    update()
 
 
 def _raise_if_unusable(path: Path, stats: dict[str, Any], n_usable: int, what: str) -> None:
@@ -146,7 +150,7 @@ def check_sft_file(path: str | Path | None, *, what: str = "train_file") -> None
     if path.stat().st_size == 0:
         raise TrainingDataError(f"{what} is empty: {path}")
     report = ReadReport(str(path))
-    for _ in iter_conversations(path, report, purpose="train", what=what):
+    for _ in iter_conversations(path, report, purpose="train", what=what, log=False):  # the full pass logs
         return
     stats = {"records": report.records, "unusable_records": report.unusable, "first_problem": report.first_problem}
     _raise_if_unusable(path, stats, 0, what)
