@@ -47,7 +47,8 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
 def add_system_prompt_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, what: str) -> None:
     """--system-prompt, default None = "not given" (then the prompt training recorded for the model)."""
     p.add_argument("--system-prompt", default=None,
-                   help=f"system prompt {what} ('' for none; default: the prompt the model was trained with, "
+                   help=f"system prompt {what} ('' for none; 'original' = the original project's prompt, "
+                        "'default' = the project's; default: the prompt the model was trained with, "
                         "from the training record beside the adapter or in the release's training/ folder, "
                         "else the project's Korean medical prompt)")
 
