@@ -268,6 +268,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=False) + "\n")
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in `path`, or {} when the file is missing, unreadable or not an object (for
+    optional records: a run file, a report, a config a later stage may or may not find)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """Write records one JSON object per line, atomically; return how many were written."""
     n = 0
@@ -307,6 +317,7 @@ def sha256_text(text: str) -> str:
 FAULT_POINT_ENV = "HAI_MEDQA_FAULT_POINT"  # name of the point to pause at (tests only)
 FAULT_FILE_ENV = "HAI_MEDQA_FAULT_FILE"  # written (pid and point) when the pause begins
 FAULT_PAUSE_S = 60.0
+FAULT_PAUSE_ENV = "HAI_MEDQA_FAULT_PAUSE_S"  # another pause length (a run that records signals goes on after it)
 
 
 def fault_point(name: str) -> None:
@@ -320,6 +331,6 @@ def fault_point(name: str) -> None:
         tmp = Path(f"{announce}.{os.getpid()}")
         tmp.write_text(f"{os.getpid()} {name}\n", encoding="utf-8")
         os.replace(tmp, announce)
-    deadline = time.monotonic() + FAULT_PAUSE_S
+    deadline = time.monotonic() + float(os.environ.get(FAULT_PAUSE_ENV) or FAULT_PAUSE_S)
     while time.monotonic() < deadline:  # short sleeps: a signal handler runs at once
         time.sleep(0.01)

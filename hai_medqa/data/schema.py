@@ -14,9 +14,14 @@ import functools
 import re
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hai_medqa.errors import HaiMedQAError
+
+BUNDLED_AIHUB_SAMPLE = Path(__file__).resolve().parents[1] / "resources" / "aihub_sample"
+"""The bundled synthetic sample in AI Hub's layout (tree + TL.zip/VL.zip; built by
+hai_medqa.fixtures.aihub_sample). The data stage recognises it as a source (data/provenance.py)."""
 
 QUESTION_DIR = "1.질문"
 ANSWER_DIR = "2.답변"

@@ -43,12 +43,12 @@ from hai_medqa.model.exaone_layout import (
     llama_config_to_exaone,
     llama_to_exaone_name,
 )
+from hai_medqa.model.identity import hub_reference
 from hai_medqa.run_folder import (
     ADAPTER_WEIGHTS,
     MERGE_INFO,
     RUN_INFO,
     find_run_dir,
-    hub_reference,
     package_versions,
 )
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from hai_medqa.errors import HaiMedQAError
-from hai_medqa.run_folder import EVAL_MODEL_KEY, hub_reference
+from hai_medqa.model.identity import hub_reference
+from hai_medqa.run_folder import EVAL_MODEL_KEY
 
 
 class EvalMismatchError(HaiMedQAError, ValueError):

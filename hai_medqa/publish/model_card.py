@@ -17,14 +17,13 @@ from typing import Any
 import yaml
 
 from hai_medqa.chat_format import DEFAULT_SYSTEM_PROMPT
+from hai_medqa.data.provenance import AIHUB_DATASET, AIHUB_DATASET_URL, SYNTHETIC_SAMPLE
 from hai_medqa.errors import HaiMedQAError
 from hai_medqa.io_utils import atomic_write_text
 from hai_medqa.publish.license import EXAONE_CITATION, EXAONE_LICENSE_NAME, EXAONE_LICENSE_URL
 from hai_medqa.run_folder import (
     ADAPTER_CONFIG,
     ADAPTER_LLAMA_SUBFOLDER,
-    AIHUB_DATASET,
-    AIHUB_DATASET_URL,
     EVAL_MODEL_KEY,
     EVAL_RESULTS,
     MERGE_INFO,
@@ -34,12 +33,10 @@ from hai_medqa.run_folder import (
     RESOLVED_CONFIG,
     RUN_INFO,
     SUMMARY,
-    SYNTHETIC_SAMPLE,
     TRAINING_RECORD,
     TrainingRecord,
-    describe_training_data,
-    training_settings,
 )
+from hai_medqa.train.adapter_folder import describe_training_data, training_settings
 
 CARD_TAGS = ["exaone", "korean", "medical", "healthcare", "qlora", "lora", "hai-medqa"]
 EXAMPLE_QUESTION = "감기에 걸렸을 때 집에서 할 수 있는 관리 방법을 알려주세요."

@@ -31,6 +31,7 @@ from hai_medqa.merge.streaming import (
     read_base_checkpoint,
     resolve_base,
 )
+from hai_medqa.model.identity import hub_reference, model_fingerprint
 from hai_medqa.publish.adapter_export import export_adapter
 from hai_medqa.publish.eval_binding import BoundEval, ReleasedModel, bind_all
 from hai_medqa.publish.hub import (
@@ -62,8 +63,6 @@ from hai_medqa.run_folder import (
     RUN_INFO,
     TRAINING_RECORD,
     find_run_dir,
-    hub_reference,
-    model_fingerprint,
     read_training_record,
 )
 

@@ -23,8 +23,10 @@ from typing import Any
 
 import yaml
 
+from hai_medqa.data.provenance import data_provenance
 from hai_medqa.errors import HaiMedQAError
 from hai_medqa.io_utils import atomic_write_text, write_json
+from hai_medqa.model.identity import hub_reference
 from hai_medqa.run_folder import (
     ADAPTER_BEST,
     ADAPTER_LAST,
@@ -35,8 +37,6 @@ from hai_medqa.run_folder import (
     SUMMARY,
     TRAINING_RECORD,
     TrainingRecord,
-    data_provenance,
-    hub_reference,
 )
 
 LOCAL_PATH = "<local path, not published>"

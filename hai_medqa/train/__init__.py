@@ -10,6 +10,7 @@ In the order a run uses them:
     fast_lora.py   fused LoRA forward and dequantised-weight cache (speed options)
     trainer.py     Trainer: the recipe (setup, the loop, train_step, evaluate), run_training
     checkpoint.py  save / restore (RNG, optimizer, scheduler, FSDP gathering), resume checks, adapters
+    adapter_folder.py  an adapter others may receive: base by Hub id, data provenance, the project's card
     run_record.py  resolved_config.yaml, run_info.json, metrics.jsonl, TensorBoard, summary.json
     plots.py       loss-curve PNG from metrics.jsonl
     signals.py     SIGINT/SIGTERM -> checkpoint and exit 75

@@ -1,5 +1,5 @@
 """Fixtures of the release tests: a base folder that carries a license file, and a run whose adapter
-records its training data's provenance (as the trainer does through run_folder.finish_adapter_folder)."""
+records its training data's provenance (as the trainer does through train.adapter_folder.finish_adapter_folder)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def licensed_base(tiny_exaone_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def provenance_run(tiny_lora_run, sample_jsonl, tmp_path_factory) -> Path:
     """tiny_lora_run whose adapter records the bundled sample's provenance and a trained system prompt."""
-    from hai_medqa.run_folder import TrainingRecord, data_provenance, write_training_record
+    from hai_medqa.data.provenance import data_provenance
+    from hai_medqa.run_folder import TrainingRecord, write_training_record
 
     run = tmp_path_factory.mktemp("provenance_run") / "run"
     shutil.copytree(tiny_lora_run, run)

@@ -9,8 +9,8 @@ import json
 import pytest
 
 import merge_and_upload
+from hai_medqa.model.identity import eval_model_identity, model_fingerprint
 from hai_medqa.publish.release import make_release
-from hai_medqa.run_folder import eval_model_identity, model_fingerprint
 
 BASE_ID = "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct"
 

@@ -71,7 +71,7 @@ def test_card_data_section_comes_from_the_preprocess_report(provenance_run, tiny
 
 
 def _own_eval(adapter_dir, **identity) -> dict:
-    from hai_medqa.run_folder import model_fingerprint
+    from hai_medqa.model.identity import model_fingerprint
 
     return {"model": "finetune",
             "evaluated_model": {"weights": "adapter", "fingerprint": model_fingerprint(adapter_dir),

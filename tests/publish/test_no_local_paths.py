@@ -24,7 +24,7 @@ def _offenders(folder) -> list[str]:
 def test_published_files_hold_no_local_path(repo_root, tiny_exaone_dir, tmp_path, monkeypatch):
     from hai_medqa.data import run_preprocess
     from hai_medqa.fixtures.aihub_sample import SAMPLE_DIR
-    from hai_medqa.run_folder import eval_model_identity
+    from hai_medqa.model.identity import eval_model_identity
 
     home = tmp_path / MARKER
     data, model, run, cache = home / "data", home / "models" / "tiny_exaone", home / "run", home / "cache"

@@ -1,5 +1,5 @@
 """What may leave the machine: records rewritten without local paths, models named by Hub id, data by
-provenance, and the run's adapter folder made shareable (run_folder.finish_adapter_folder, which the
+provenance, and the run's adapter folder made shareable (train.adapter_folder.finish_adapter_folder, which the
 trainer calls after saving an adapter)."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import shutil
 
 import pytest
 
+from hai_medqa.data.provenance import AIHUB_DATASET, SYNTHETIC_SAMPLE, data_provenance
+from hai_medqa.model.identity import hub_reference
 from hai_medqa.publish.shareable import (
     LOCAL_PATH,
     LocalPathError,
@@ -16,15 +18,8 @@ from hai_medqa.publish.shareable import (
     scrub,
     shareable_run_info,
 )
-from hai_medqa.run_folder import (
-    AIHUB_DATASET,
-    SYNTHETIC_SAMPLE,
-    TrainingRecord,
-    data_provenance,
-    finish_adapter_folder,
-    hub_reference,
-    preprocess_report_path,
-)
+from hai_medqa.run_folder import TrainingRecord, preprocess_report_path
+from hai_medqa.train.adapter_folder import finish_adapter_folder
 
 MARKER = "MARKER-a81k-private"
 BASE_ID = "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct"
