@@ -7,10 +7,13 @@
     accelerate launch --config_file configs/accelerate/fsdp_qlora.yaml --num_processes 2 S_F2.py ...   # FSDP-QLoRA
 
 Every key of hai_medqa/train/config.py:TrainConfig can be set in the YAML file or overridden here
-(``--lora-r 8`` or ``--lora_r=8``). Exit codes: 0 finished, 1 error (one line on stderr),
+(``--lora-r 8`` or ``--lora_r=8``), also by its Hugging Face/TRL name
+(``--num_train_epochs 2``; docs/coming_from.md). ``--help`` lists every key with its meaning,
+default and allowed values. Exit codes: 0 finished, 1 error (one line on stderr),
 75 interrupted by SIGINT/SIGTERM/SIGHUP during training after saving a checkpoint (continue with
---resume); an interrupt before training starts, or a second Ctrl-C, exits 128 + the signal number
-(hai_medqa.cli.run_cli, as every entry point).
+--resume); an interrupt during start-up, or a second Ctrl-C, exits 128 + the signal number with a
+line saying which (hai_medqa.cli.run_cli, as every entry point). --resume without a checkpoint in
+output_dir is an error naming the folder.
 """
 
 from __future__ import annotations
@@ -22,15 +25,11 @@ import sys
 
 
 def _keys_help() -> str:
-    import dataclasses
-
+    from hai_medqa.config import format_keys_help
     from hai_medqa.train.config import TrainConfig
 
-    lines = ["config keys (set in the YAML file or override as --key value; docs/training.md):"]
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines.append(f"  --{f.name.replace('_', '-'):<28} default: {default!r}")
-    return "\n".join(lines)
+    return ("config keys (set in the YAML file or override as --key value; Hugging Face/TRL names in parentheses\n"
+            "are accepted too: docs/coming_from.md; docs/training.md):\n" + format_keys_help(TrainConfig))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run_training(cfg, explicit)
-    except KeyboardInterrupt as e:  # before training started, or a second Ctrl-C: no checkpoint for this step
-        e.add_note("nothing after the last checkpoint was saved")
+    except KeyboardInterrupt as e:  # the trainer notes when (start-up, a second Ctrl-C); anything else:
+        if not getattr(e, "__notes__", None):
+            e.add_note("nothing after the last checkpoint was saved")
         raise
     return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
 

@@ -69,6 +69,12 @@ def _same_path(a: Path, b: Path) -> bool:
     return os.path.abspath(a) == os.path.abspath(b) or _name_key(a) == _name_key(b)
 
 
+def same_path(a: PathLike, b: PathLike) -> bool:
+    """Whether `a` and `b` name the same file or folder (the identity rules above: symlinks, ``..``,
+    hard links and case included; two paths that do not exist yet compare by folder and name)."""
+    return _same_path(Path(a), Path(b))
+
+
 def check_input_kinds(files: Mapping[str, PathLike | None] | None = None,
                       folders: Mapping[str, PathLike | None] | None = None) -> None:
     """Refuse a folder given where a file is read, or a file where a folder is read.

@@ -132,12 +132,13 @@ def restore(run_dir: str | Path, *, model: Any, optimizer: Any, scheduler: Any, 
 
 # ---------------------------------------------------------------- resume checks
 def decide_resume(run_dir: str | Path, resume: bool) -> bool:
-    """Whether the run resumes: `resume` with nothing to resume starts afresh (with a warning); a run
-    folder holding checkpoints without `resume` is refused (a fresh start would clobber it)."""
+    """Whether the run resumes: `resume` with nothing to resume is refused, naming the folder (a typo
+    in --output-dir must not train anew); a run folder holding checkpoints without `resume` is refused
+    too (a fresh start would clobber it)."""
     ckpts = list_checkpoints(run_dir)
     if resume and not ckpts:
-        logger.warning(f"--resume: no checkpoint in {Path(run_dir) / CHECKPOINTS_DIR}; starting from scratch")
-        return False
+        raise TrainingError(f"--resume: no checkpoint to resume in {Path(run_dir) / CHECKPOINTS_DIR}; check "
+                            "--output-dir, or drop --resume to start a new run there")
     if not resume and ckpts:
         raise TrainingError(f"{run_dir} already holds checkpoints ({ckpts[-1].name}); pass --resume to "
                             "continue that run, or choose a new --output-dir")

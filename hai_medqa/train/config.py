@@ -249,6 +249,20 @@ def apply_fsdp_requirements(cfg: TrainConfig, explicit: set[str], fsdp_version: 
     return dataclasses.replace(cfg, **changed), changed
 
 
+def check_run_paths(cfg: TrainConfig) -> None:
+    """One line (hai_medqa.guards.PathError or ConfigError), before the run folder is created or any
+    model loads, for paths a run cannot use: a folder given as train_file/val_file, an output_dir that
+    is a file or lies below one, and the same file as training and validation data (resolved:
+    symlinks, hard links and case included)."""
+    from hai_medqa.guards import check_input_kinds, check_output_paths, same_path
+
+    check_input_kinds(files={"train_file": cfg.train_file, "val_file": cfg.val_file})
+    check_output_paths({}, {"output_dir": cfg.output_dir}, folders={"output_dir"})
+    if cfg.val_file and cfg.train_file and same_path(cfg.train_file, cfg.val_file):
+        raise ConfigError(f"val_file {cfg.val_file} is the train_file {cfg.train_file}: validation on the training "
+                          "data measures nothing; give a separate file, or val_file: null to skip validation")
+
+
 def settle_config(requested: TrainConfig, explicit: set[str], *, on_gpu: bool, fsdp_version: int | None,
                   resume: bool, model_config: dict[str, Any] | None = None,
                   gpu_memory_bytes: int | None = None) -> tuple[TrainConfig, str]:

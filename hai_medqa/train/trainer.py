@@ -32,10 +32,12 @@ from loguru import logger
 from tqdm import tqdm
 
 from hai_medqa import chat_format
+from hai_medqa.cli import signal_name
+from hai_medqa.io_utils import fault_point
 from hai_medqa.run_folder import ADAPTER_BEST, ADAPTER_LAST, TrainingRecord, list_checkpoints
 from hai_medqa.train import checkpoint, eval_loss
 from hai_medqa.train.checkpoint import TrainState
-from hai_medqa.train.config import TrainConfig, check_fsdp_requirements, settle_config
+from hai_medqa.train.config import TrainConfig, check_fsdp_requirements, check_run_paths, settle_config
 from hai_medqa.train.errors import NonFiniteLossError, TrainingError
 from hai_medqa.train.model_build import BuiltModel, build_model, build_optimizer
 from hai_medqa.train.packing import collate_packed, collate_padded, group_into_steps, plan_epoch
@@ -82,7 +84,15 @@ class Trainer:
                          total_steps=self.total_steps)
         try:
             with StopSignals() as stop:
-                status = self._loop(stop)
+                try:
+                    status = self._loop(stop)
+                except KeyboardInterrupt as e:  # a second Ctrl-C after the first signal: no checkpoint now
+                    if stop.received is not None:
+                        last = list_checkpoints(self.out)
+                        e.add_note(f"a second Ctrl-C after {signal_name(stop.received)} aborted step "
+                                   f"{self.state.global_step + 1} without saving it; "
+                                   + (f"the last checkpoint is {last[-1]}" if last else "no checkpoint was saved"))
+                    raise
         except NonFiniteLossError as e:
             last = list_checkpoints(self.out)
             where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved before it"
@@ -305,13 +315,15 @@ class Trainer:
         """Check inputs, settle the config, tokenise (cached), build the 4-bit model with LoRA and
         its optimizer, and restore the checkpoint when resuming."""
         requested, rt = self.requested_cfg, self.runtime
+        # Paths of the wrong kind and a --resume with nothing to resume fail before the run folder is made.
+        check_run_paths(requested)
+        resume = checkpoint.decide_resume(self.out, requested.resume)
         self.record.start_logging()
         # Bad inputs fail here, before anything large is downloaded or loaded.
         check_fsdp_requirements(requested, self.explicit, rt.fsdp_version)
         check_sft_file(requested.train_file, what="train_file")
         if requested.val_file:
             check_sft_file(requested.val_file, what="val_file")
-        resume = checkpoint.decide_resume(self.out, requested.resume)
 
         from hai_medqa.model.acquire import resolve_model
         from hai_medqa.model.load import load_tokenizer
@@ -333,6 +345,7 @@ class Trainer:
                                 model_path=self.model_path, train_ds=self.train_ds, val_ds=self.val_ds,
                                 schedule={"total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                                           "steps_per_epoch": self.steps_per_epoch})
+        fault_point("train:before_model")  # fault-injection tests stop start-up here (tests/pipeline)
         self.built: BuiltModel = build_model(cfg, self.model_path, rt, resume_from=self.out if cfg.resume else None)
         self.model = self.built.model
         self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -474,7 +487,11 @@ def run_training(cfg: TrainConfig, explicit: Iterable[str] = (), *, callbacks: I
         torch.set_num_threads(cfg.cpu_threads)
     try:
         trainer = Trainer(cfg, explicit, callbacks=callbacks)
-        trainer.setup()
+        try:
+            trainer.setup()
+        except KeyboardInterrupt as e:  # what the user is told: start-up stopped, nothing trained
+            e.add_note("stopped during start-up, before the first training step (no checkpoint was written)")
+            raise
         return trainer.train()
     finally:
         torch.set_num_threads(threads)

@@ -147,7 +147,8 @@ def test_adapter_folder_carries_tokenizer_and_training_record(tmp_path, runtime,
 
 def test_resume_decisions(tmp_path, runtime):
     run = tmp_path / "run"
-    assert checkpoint.decide_resume(run, resume=True) is False  # nothing to resume: start afresh
+    with pytest.raises(TrainingError, match=r"--resume: no checkpoint to resume in .*run.checkpoints"):
+        checkpoint.decide_resume(run, resume=True)  # nothing to resume: an error naming the folder (issue 15)
     assert checkpoint.decide_resume(run, resume=False) is False
     model, optimizer, scheduler = recipe()
     checkpoint.save(run, TrainState(global_step=4), model=model, optimizer=optimizer, scheduler=scheduler,
