@@ -9,12 +9,24 @@ real key - a typo must never be silently ignored (``lora_rank: 8`` would otherwi
 
 `explicit` is the set of keys the user set (in the file or on the command line), so later stages can
 tell "the user asked for this" from "this is the default" (used by training profiles).
+
+A config class may declare two tables (class variables), read here so YAML and the command line
+behave the same:
+  ``KEY_ALIASES``  {other name: project key}: names users know from other tools (Hugging Face/TRL)
+                   that mean exactly the project key; the value lands on the project key.
+  ``PEER_KEYS``    {other name: (tool, what to use here)}: names that mean something else in this
+                   project; using one is a ConfigError saying what to use instead.
+`describe_keys` lists every key with its one-line description (the field's docstring), default,
+allowed values and aliases: the source of ``--help``.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -206,6 +218,8 @@ def load_config(
     """
     types_by_name = _field_types(cls)
     known = sorted(types_by_name)
+    aliases: Mapping[str, str] = getattr(cls, "KEY_ALIASES", {})
+    peers: Mapping[str, tuple[str, str]] = getattr(cls, "PEER_KEYS", {})
     values: dict[str, Any] = {}
     explicit: set[str] = set()
 
@@ -216,16 +230,26 @@ def load_config(
         sources.append(("command line", overrides, True))
 
     for source, mapping, from_cli in sources:
+        seen_here: dict[str, str] = {}  # project key -> the name this source used for it
         for key, raw in mapping.items():
             key = str(key).replace("-", "_") if from_cli else str(key)
+            given = key
+            if key not in types_by_name and key in aliases:
+                key = aliases[key]
             if key not in types_by_name:
+                if key in peers:
+                    tool, instead = peers[key]
+                    raise ConfigError(f"{source}: {key!r} is a {tool} setting that means something else here: {instead}")
                 raise _unknown_key_error(key, known, source)
+            if key in seen_here:
+                raise ConfigError(f"{source}: {seen_here[key]!r} and {given!r} set the same key {key!r}; keep one")
+            seen_here[key] = given
             tp = types_by_name[key]
             value = _parse_cli_value(raw, tp) if (from_cli and isinstance(raw, str)) else raw
             try:
                 values[key] = _coerce(value, tp)
             except (TypeError, ValueError) as e:
-                shown = f"--{key.replace('_', '-')} {raw}" if from_cli else f"{key}: {raw!r}"
+                shown = f"--{given.replace('_', '-')} {raw}" if from_cli else f"{given}: {raw!r}"
                 raise ConfigError(f"{source}: {shown}: {e}") from None
             explicit.add(key)
 
@@ -249,3 +273,64 @@ def dump_config_yaml(cfg: Any) -> str:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the config as YAML, atomically; the file loads back with `load_config`."""
     atomic_write_text(path, dump_config_yaml(cfg))
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyHelp:
+    """One config key as ``--help`` shows it."""
+
+    name: str
+    default: Any
+    allowed: str
+    """The values it takes, from the field's type (``'cosine' | 'linear'``, ``int | null``, ...)."""
+    description: str
+    """The first line of the field's docstring (the string literal under the field)."""
+    aliases: tuple[str, ...] = ()
+
+
+def field_docstrings(cls: type) -> dict[str, str]:
+    """{field: its docstring} for a dataclass written with a string literal under each field.
+
+    Read from the class's source, so the description lives once, next to the field it describes."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):  # no source (frozen app): descriptions stay empty
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:], strict=False):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                out[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return out
+
+
+def describe_keys(cls: type) -> list[KeyHelp]:
+    """Every key of config class `cls` in declaration order: default, allowed values, description, aliases."""
+    docs = field_docstrings(cls)
+    hints = _field_types(cls)
+    by_target: dict[str, list[str]] = {}
+    for alias, target in sorted(getattr(cls, "KEY_ALIASES", {}).items()):
+        by_target.setdefault(target, []).append(alias)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        first = " ".join(docs.get(f.name, "").split("\n\n")[0].split())
+        out.append(KeyHelp(f.name, default, _type_name(hints[f.name]), first, tuple(by_target.get(f.name, ()))))
+    return out
+
+
+def format_keys_help(cls: type, *, width: int = 100) -> str:
+    """The ``--help`` text of every key: ``--key`` (aliases), description, default and allowed values."""
+    lines = []
+    for k in describe_keys(cls):
+        also = f"  (also --{', --'.join(a for a in k.aliases)})" if k.aliases else ""
+        lines.append(f"  --{k.name}{also}")
+        desc = k.description or "(no description)"
+        lines.extend(textwrap.wrap(desc, width=width, initial_indent="      ", subsequent_indent="      "))
+        lines.append(f"      default: {k.default!r}; allowed: {k.allowed}")
+    return "\n".join(lines)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from loguru import logger
 
@@ -34,9 +34,13 @@ class TrainConfig:
     model: str = "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct"
     """Hub id or local folder (EXAONE or Llama layout); resolved by hai_medqa.model.acquire."""
     model_revision: str | None = None
+    """Hub revision (branch, tag or commit) of model; null = the default branch."""
     train_file: str = "data/train.jsonl"
+    """Training jsonl (any format of hai_medqa/conversations.py)."""
     val_file: str | None = "data/val.jsonl"
+    """Validation jsonl for loss, perplexity, early stopping and sample answers; null = none."""
     output_dir: str = "runs/exaone35-7.8b-medqa"
+    """The run folder: metrics, checkpoints, adapter_best/ and adapter_last/."""
     cache_dir: str | None = None
     """Tokenisation cache; default: <parent of output_dir>/.tokenized_cache."""
     system_prompt: str | None = None
@@ -46,19 +50,25 @@ class TrainConfig:
     """Which assistant turns of a multi-turn record carry loss: every one (each answer and its
     [|endofturn|]), or only the last (the earlier answers are context). Single-turn records: the same."""
     max_length: int = 2048
+    """Token cap of one training sample (prompt + answers); see overlong."""
     overlong: Literal["truncate", "drop"] = "truncate"
     """Samples longer than max_length: cut the answer (keeping [|endofturn|]) or drop the sample."""
     max_train_samples: int | None = None
+    """Use only the first N training samples (null = all)."""
     max_eval_samples: int | None = None
+    """Use only the first N validation samples (null = all)."""
     seed: int = 42
+    """Seed of data order, LoRA initialisation and dropout."""
     cpu_threads: int | None = None
     """torch threads when training on CPU (null = torch's default); 1 is fastest for the tiny model."""
 
     # --- speed / memory bundle (fills the keys below that are not set explicitly)
     profile: Literal["auto", "fast", "lean", "plain"] = "auto"
+    """Speed/memory bundle filling the keys left unset (PROFILES); auto: fastest that fits the GPU, plain on CPU."""
 
     # --- model
     quantize_4bit: bool = True
+    """Load the base model in 4-bit NF4 with double quantisation (QLoRA); false = compute dtype."""
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """auto: bfloat16 on GPU, float32 on CPU."""
     quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
@@ -66,14 +76,21 @@ class TrainConfig:
     dtype under FSDP (FSDP shards only floating-point tensors, uniform per wrapped layer), else uint8.
     The stored bits, and so the model, are the same either way."""
     attn_implementation: AttnImpl = "auto"
+    """Attention kernel; auto: the profile's choice (flex_attention on GPU, sdpa on CPU)."""
     liger_kernel: bool | Literal["auto"] = "auto"
+    """Liger's fused kernels (RMSNorm, SwiGLU, chunked cross-entropy); auto: on GPU when installed."""
     gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (non-reentrant): less memory, slower."""
     checkpoint_every_n_layers: int = 1
     """1 = recompute every decoder layer; n > 1 = only every n-th (selective: faster, more memory)."""
     lora_r: int = 16
+    """LoRA rank."""
     lora_alpha: int = 32
+    """LoRA scale numerator (scale = lora_alpha / lora_r)."""
     lora_dropout: float = 0.05
+    """Dropout on the LoRA input, in [0, 1)."""
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    """Llama-layout projections that get LoRA (default: all seven of every layer)."""
     lora_kernel: Literal["fused", "peft"] = "fused"
     """fused: the project's LoRA forward (same maths as PEFT's, bf16 compute from fp32 master weights,
     scale and add in one GEMM; hai_medqa/train/fast_lora.py); peft: PEFT's own forward."""
@@ -83,6 +100,7 @@ class TrainConfig:
 
     # --- batching
     batching: Literal["packed", "padded"] = "packed"
+    """packed: padding-free rows of whole samples up to tokens_per_micro_batch; padded: micro_batch_size samples."""
     tokens_per_micro_batch: int = 8192
     """packed: token budget of one micro-batch row (several whole samples)."""
     pad_to_fixed_length: bool = False
@@ -90,31 +108,87 @@ class TrainConfig:
     micro_batch_size: int = 8
     """padded: samples per micro-batch."""
     gradient_accumulation_steps: int = 4
+    """Micro-batches per optimizer step on each process."""
 
     # --- optimisation
     optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "adamw_torch"] = "paged_adamw_8bit"
+    """paged_adamw_8bit / adamw_8bit: bitsandbytes 8-bit AdamW (torch AdamW on CPU if unavailable); adamw_torch."""
     learning_rate: float = 2e-4
+    """Peak learning rate (after warm-up)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     adam_beta1: float = 0.9
+    """AdamW beta1."""
     adam_beta2: float = 0.999
+    """AdamW beta2."""
     warmup_ratio: float = 0.03
+    """Fraction of the optimizer steps spent warming the learning rate up, in [0, 1)."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up."""
     max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
     num_epochs: int = 2
+    """Passes over the training data (unless max_steps is set)."""
     max_steps: int | None = None
     """Optimizer steps; overrides num_epochs when set."""
 
     # --- evaluation, saving, logging
     eval_steps: int = 200
+    """Evaluate (validation loss, sample answers) every N optimizer steps and at the end."""
     early_stopping_patience: int | None = 5
     """Evaluations without improvement before stopping; null disables early stopping."""
     early_stopping_min_delta: float = 0.0
+    """Smallest val_loss decrease that counts as an improvement."""
     save_steps: int = 200
+    """Write a resumable checkpoint every N optimizer steps."""
     save_total_limit: int = 3
+    """Checkpoints kept (the oldest are deleted)."""
     logging_steps: int = 10
+    """Log a console line every N optimizer steps (metrics.jsonl gets every step)."""
     tensorboard: bool = True
+    """Write TensorBoard events to RUN/tensorboard/ (false removes tensorboard from report_to)."""
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow", "none"]] = field(
+        default_factory=lambda: ["tensorboard"])
+    """Experiment trackers for the metrics, config and run info (hai_medqa/train/trackers.py); none = only metrics.jsonl."""
+    sample_questions: int | None = None
+    """Validation questions answered greedily at each evaluation (RUN/samples.jsonl); null = 4 on GPU, 0 on CPU; 0 = off."""
+    sample_max_new_tokens: int = 128
+    """Token cap of each sample answer (the cost of sampling is sample_questions x this)."""
     resume: bool = False
     """Continue from the newest checkpoint in output_dir/checkpoints."""
+
+    # Names users know from Hugging Face TrainingArguments / TRL SFTConfig and ModelConfig that mean
+    # exactly the project key (hai_medqa.config.load_config; docs/coming_from.md).
+    KEY_ALIASES: ClassVar[dict[str, str]] = {
+        "num_train_epochs": "num_epochs",
+        "optim": "optimizer",
+        "lr_scheduler_type": "lr_scheduler",
+        "model_name_or_path": "model",
+        "load_in_4bit": "quantize_4bit",
+        "bnb_4bit_compute_dtype": "compute_dtype",
+        "bnb_4bit_quant_storage": "quant_storage",
+        "use_liger_kernel": "liger_kernel",
+        "resume_from_checkpoint": "resume",
+    }
+    # Names from other tools that mean something else here: (tool, what to use instead).
+    PEER_KEYS: ClassVar[dict[str, tuple[str, str]]] = {
+        "per_device_train_batch_size": ("Hugging Face/TRL", "a count of samples; here a micro-batch is a token budget: "
+                                        "use tokens_per_micro_batch (batching: packed) or micro_batch_size with batching: padded"),
+        "per_device_eval_batch_size": ("Hugging Face/TRL", "evaluation uses the training micro-batch "
+                                       "(tokens_per_micro_batch, or micro_batch_size with batching: padded)"),
+        "max_seq_length": ("TRL", "use max_length (the cap of one sample) and tokens_per_micro_batch (a packed row)"),
+        "packing": ("TRL", "use batching: packed (the default, padding-free) or batching: padded"),
+        "warmup_steps": ("Hugging Face/TRL", "use warmup_ratio (a fraction of the optimizer steps)"),
+        "bf16": ("Hugging Face/TRL", "use compute_dtype: bfloat16 (auto: bfloat16 on GPU)"),
+        "fp16": ("Hugging Face/TRL", "use compute_dtype: float16"),
+        "eval_strategy": ("Hugging Face/TRL", "evaluation is by steps: set eval_steps (and val_file: null for none)"),
+        "save_strategy": ("Hugging Face/TRL", "checkpoints are by steps: set save_steps"),
+        "use_peft": ("TRL", "LoRA is always on: set lora_r, lora_alpha, lora_dropout, lora_target_modules"),
+        "gradient_checkpointing_kwargs": ("Hugging Face/TRL", "checkpointing is always non-reentrant: use "
+                                          "gradient_checkpointing and checkpoint_every_n_layers"),
+        "completion_only_loss": ("TRL", "the loss always covers the answers only: use train_turns (all or last)"),
+        "assistant_only_loss": ("TRL", "the loss always covers the answers only: use train_turns (all or last)"),
+    }
 
     def validate(self) -> None:
         """Raise ConfigError for values that are individually typed right but unusable together."""
@@ -150,6 +224,14 @@ class TrainConfig:
             )
         if not self.lora_target_modules:
             raise ConfigError("lora_target_modules is empty")
+        if self.sample_questions is not None and self.sample_questions < 0:
+            raise ConfigError(f"sample_questions must be >= 0 or null (auto), got {self.sample_questions}")
+        if self.sample_max_new_tokens <= 0:
+            raise ConfigError(f"sample_max_new_tokens must be positive, got {self.sample_max_new_tokens}")
+        # A tracker whose package is missing is one line here, before any heavy work.
+        from hai_medqa.train.trackers import check_report_to
+
+        check_report_to(self.report_to)
 
 
 # Named bundles of speed/memory settings, as measured on an H100 by bench/train_throughput.py
