@@ -3,7 +3,8 @@
     record = RunRecord(run_dir, writer=runtime.is_main)
     record.start_logging()                 # train.log (rank 0), warnings only elsewhere
     record.write_start(cfg, ...)           # resolved_config.yaml, run_info.json
-    record.open(...); record.log_step(rec, stats); record.log_eval(...)   # metrics.jsonl, TensorBoard, progress
+    record.open(...); record.log_step(rec, stats); record.log_eval(...)   # metrics.jsonl, trackers, progress
+    record.log_samples(step, rows)         # samples.jsonl and the trackers' samples table
     record.finish(summary, ...)            # loss_curve.png, summary.json, run_info.json's resolved choices
 
 Only rank 0 writes (`writer`); on the other processes every call is a no-op apart from the logging
@@ -23,7 +24,7 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from hai_medqa.config import dump_config_yaml
+from hai_medqa.config import config_to_dict, dump_config_yaml
 from hai_medqa.io_utils import atomic_write_text, sha256_file, write_json
 from hai_medqa.logging_setup import setup_logging
 from hai_medqa.run_folder import (
@@ -31,12 +32,13 @@ from hai_medqa.run_folder import (
     METRICS,
     RESOLVED_CONFIG,
     RUN_INFO,
+    SAMPLES,
     SUMMARY,
-    TENSORBOARD_DIR,
     git_commit,
     package_versions,
 )
 from hai_medqa.train.plots import plot_loss_curve, read_metrics
+from hai_medqa.train.trackers import Trackers, open_trackers, resolve_report_to
 
 TRAIN_LOG = "train.log"
 """The run's log file (read by people only, so not part of the stage contract in run_folder.py)."""
@@ -52,7 +54,8 @@ class RunRecord:
         self.dir = Path(run_dir)
         self.writer = writer
         self.info: dict[str, Any] = {}
-        self._tb: Any = None
+        self.trackers = Trackers({})
+        self._cfg: Any = None
         self._bar: tqdm | None = None
 
     # ------------------------------------------------------------------ start
@@ -68,6 +71,7 @@ class RunRecord:
                     train_ds: Any, val_ds: Any | None, schedule: dict[str, Any]) -> None:
         """resolved_config.yaml (the settled config) and run_info.json (provenance: command, commit,
         versions, device, model, data hashes and counts, profile, schedule)."""
+        self._cfg = cfg  # `open` reads report_to from it
         if not self.writer:
             return
         atomic_write_text(self.dir / RESOLVED_CONFIG, dump_config_yaml(cfg))
@@ -97,27 +101,29 @@ class RunRecord:
         write_json(self.dir / RUN_INFO, self.info)
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop the metrics lines after `step`: the resumed run logs them again."""
-        path = self.dir / METRICS
-        if not self.writer or not path.is_file():
-            return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
+        """Drop the metrics (and sample answers) lines after `step`: the resumed run logs them again."""
+        for path in (self.dir / METRICS, self.dir / SAMPLES):
+            if not self.writer or not path.is_file():
                 continue
-        atomic_write_text(path, "".join(k + "\n" for k in keep))
+            keep = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    continue
+            atomic_write_text(path, "".join(k + "\n" for k in keep))
 
     # ------------------------------------------------------------------ during training
     def open(self, *, tensorboard: bool, start_step: int, total_steps: int) -> None:
-        """Start the progress bar and, if asked, TensorBoard (continuing after `start_step`)."""
-        if self.writer and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.dir / TENSORBOARD_DIR),
-                                     purge_step=start_step + 1 if start_step else None)
+        """Start the progress bar and the trackers of ``report_to`` (continuing after `start_step`;
+        `tensorboard` false drops TensorBoard), which get the resolved config and run info."""
+        if self.writer:
+            report_to = getattr(self._cfg, "report_to", ["tensorboard"])
+            names = resolve_report_to(report_to, tensorboard=tensorboard)
+            self.trackers = open_trackers(names, run_dir=self.dir, run_name=self.dir.name, start_step=start_step)
+            if self._cfg is not None:
+                self.trackers.log_config(config_to_dict(self._cfg), self.info)
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not self.writer,
                          dynamic_ncols=True)
 
@@ -138,15 +144,24 @@ class RunRecord:
         self._write_metrics({"step": step, "val_loss": round(val_loss, 6), "val_ppl": round(val_ppl, 4)})
         logger.info(f"eval at step {step}: val_loss {val_loss:.4f} val_ppl {val_ppl:.3f}{note}")
 
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """One evaluation's sample answers (rows of step, question, answer, reference): appended to
+        samples.jsonl, one whole line each, and shown in the trackers as a table."""
+        if not self.writer or not rows:
+            return
+        with open(self.dir / SAMPLES, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        self.trackers.log_table("samples", rows, step)
+
     def _write_metrics(self, rec: dict[str, Any]) -> None:
         if not self.writer:
             return
         with open(self.dir / METRICS, "a", encoding="utf-8") as f:  # one whole line per write
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        if self._tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(("eval/" if k.startswith("val_") else "train/") + k, v, rec["step"])
+        scalars = {("eval/" if k.startswith("val_") else "train/") + k: v for k, v in rec.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if scalars:
+            self.trackers.log_scalars(scalars, rec["step"])
 
     def close_progress(self) -> None:
         if self._bar is not None:
@@ -164,9 +179,7 @@ class RunRecord:
             summary["first_loss"] = train[0]["loss"]
             summary["last_loss"] = train[-1]["loss"]
         plot_loss_curve(self.dir / METRICS, self.dir / LOSS_CURVE, title=title)
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self.trackers.close()
         write_json(self.dir / SUMMARY, summary)
         self.info.update(resolved=resolved)
         write_json(self.dir / RUN_INFO, self.info)

@@ -156,6 +156,8 @@ class _Mlflow:
 
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # No server named: a file store in the run folder (mlflow 3 asks for an explicit opt-in to it)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "hai-medqa"))
         self.run = mlflow.start_run(run_name=run_name)
