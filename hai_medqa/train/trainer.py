@@ -35,7 +35,8 @@ from hai_medqa import chat_format
 from hai_medqa.cli import signal_name
 from hai_medqa.io_utils import fault_point
 from hai_medqa.run_folder import ADAPTER_BEST, ADAPTER_LAST, TrainingRecord, list_checkpoints
-from hai_medqa.train import checkpoint, eval_loss
+from hai_medqa.train import checkpoint, eval_loss, sample_answers
+from hai_medqa.train.adapter_folder import finish_adapter_folder
 from hai_medqa.train.checkpoint import TrainState
 from hai_medqa.train.config import TrainConfig, check_fsdp_requirements, check_run_paths, settle_config
 from hai_medqa.train.errors import NonFiniteLossError, TrainingError
@@ -178,6 +179,7 @@ class Trainer:
         self.record.log_eval(st.global_step, ev["val_loss"], ev["val_ppl"], note)
         if improved:
             st.best_val_loss, st.best_step, st.evals_without_improvement = ev["val_loss"], st.global_step, 0
+        sample_answers.at_evaluation(self)  # fixed validation questions answered greedily (samples.jsonl)
             self.save_adapter(self.out / ADAPTER_BEST)
             return False
         st.evals_without_improvement += 1
