@@ -36,7 +36,6 @@ from hai_medqa.cli import signal_name
 from hai_medqa.io_utils import fault_point
 from hai_medqa.run_folder import ADAPTER_BEST, ADAPTER_LAST, TrainingRecord, list_checkpoints
 from hai_medqa.train import checkpoint, eval_loss, sample_answers
-from hai_medqa.train.adapter_folder import finish_adapter_folder
 from hai_medqa.train.checkpoint import TrainState
 from hai_medqa.train.config import TrainConfig, check_fsdp_requirements, check_run_paths, settle_config
 from hai_medqa.train.errors import NonFiniteLossError, TrainingError
