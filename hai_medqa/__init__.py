@@ -6,3 +6,7 @@ Modules follow the data's path:
 """
 
 __version__ = "0.1.0"
+
+from hai_medqa import third_party_noise as _third_party_noise
+
+_third_party_noise.install()  # before any library import: messages that ask users to install what they do not need
