@@ -9,6 +9,13 @@ A checkpoint, ``run_folder.checkpoint_dir(RUN, step)``, holds the LoRA adapter (
 put down its RNG state; under FSDP the adapter and the optimizer state are first gathered on rank 0
 (collectives: every process calls `save`). Only the newest `keep` checkpoints stay.
 
+Adapter weights (checkpoints and adapter folders alike) are chosen here, not by PEFT: every tensor the
+model trains, under PEFT's file names, whole. Under FSDP, PEFT 0.21 finds the adapter's tensors by
+walking the module tree, whose names carry ``_fsdp_wrapped_module.`` inside every wrapped layer, and
+so matched nothing of the gathered state dict: FSDP runs wrote empty adapters (issue 18). Each
+written adapter file is read back and must hold exactly those tensors (`check_adapter_file`), and a
+checkpoint whose adapter does not is refused when resuming.
+
 Resuming, in the order the trainer calls them: `decide_resume` (before anything heavy),
 `check_resumable` (same recipe, same data, same micro-batches per step), `load_adapter_weights`
 (into the model before any FSDP/DDP wrapping), `restore` (optimizer, scheduler, RNG, progress).
@@ -34,6 +41,7 @@ from loguru import logger
 from hai_medqa.config import config_to_dict, read_yaml_mapping
 from hai_medqa.io_utils import atomic_dir, atomic_path, sha256_file, write_json
 from hai_medqa.run_folder import (
+    ADAPTER_WEIGHTS,
     CHECKPOINTS_DIR,
     RESOLVED_CONFIG,
     RUN_INFO,
@@ -84,11 +92,11 @@ def save(run_dir: str | Path, state: TrainState, *, model: Any, optimizer: Any, 
     with atomic_path(rng_dir / RNG_FILE.format(rank=runtime.rank)) as tmp:
         torch.save(capture_rng(), tmp)
     runtime.wait_for_everyone()
-    state_dict, optim_state = gathered_state_dict(model, runtime), gathered_optimizer_state(model, optimizer, runtime)
-    if runtime.is_main:
+    tensors, optim_state = adapter_state_dict(model, runtime), gathered_optimizer_state(model, optimizer, runtime)
+
+    def write() -> None:
         with atomic_dir(folder) as tmp:
-            runtime.accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True,
-                                                                    state_dict=state_dict)
+            write_adapter_weights(tmp, runtime.accelerator.unwrap_model(model), tensors, where=folder)
             torch.save(optim_state, tmp / OPTIMIZER_FILE)
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
             for f in sorted(rng_dir.iterdir()):
@@ -98,6 +106,8 @@ def save(run_dir: str | Path, state: TrainState, *, model: Any, optimizer: Any, 
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info(f"checkpoint saved: {folder}")
+
+    _write_on_rank0(runtime, folder, write)
     runtime.wait_for_everyone()
     return folder
 
@@ -105,8 +115,10 @@ def save(run_dir: str | Path, state: TrainState, *, model: Any, optimizer: Any, 
 def restore(run_dir: str | Path, *, model: Any, optimizer: Any, scheduler: Any, runtime: Any, seed: int) -> TrainState:
     """Load the newest checkpoint's optimizer, scheduler, this process's RNG state and progress (its
     adapter weights went into the model before wrapping: `load_adapter_weights`). A process the
-    checkpointing run did not have is seeded as a fresh run would seed it."""
+    checkpointing run did not have is seeded as a fresh run would seed it. A checkpoint whose
+    adapter lacks any tensor the model trains is refused (TrainingError)."""
     ckpt = list_checkpoints(run_dir)[-1]
+    check_checkpoint_adapter(ckpt, runtime.accelerator.unwrap_model(model))
     saved = json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))
     saved.pop("world_size", None)  # another process count is fine when the global batch is (check_resumable)
     optim_state = torch.load(ckpt / OPTIMIZER_FILE, map_location=runtime.device, weights_only=True)
@@ -199,38 +211,191 @@ def _check_global_batch(run_dir: Path, saved_accumulation: int, accumulation: in
 
 def load_adapter_weights(model: Any, run_dir: str | Path, device: torch.device) -> Path:
     """Load the newest checkpoint's LoRA weights into `model` (before any wrapping: FSDP would hold
-    only a shard of each weight); return that checkpoint."""
+    only a shard of each weight); return that checkpoint. TrainingError, before anything is
+    loaded, when the checkpoint's adapter does not hold every tensor the model trains (PEFT would
+    silently leave the missing ones at their initial values)."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
     ckpt = list_checkpoints(run_dir)[-1]
-    set_peft_model_state_dict(model, load_peft_weights(str(ckpt), device=str(device)))
+    check_checkpoint_adapter(ckpt, model)
+    result = set_peft_model_state_dict(model, load_peft_weights(str(ckpt), device=str(device)))
+    trained = trained_tensors(model)
+    not_loaded = sorted({_clean_name(k) for k in result.missing_keys} & trained.keys())
+    if not_loaded or result.unexpected_keys:
+        what = (f"{len(not_loaded)} trained tensors not loaded (e.g. {not_loaded[0]})" if not_loaded
+                else f"{len(result.unexpected_keys)} tensors the model has no place for "
+                     f"(e.g. {result.unexpected_keys[0]})")
+        raise TrainingError(f"--resume: {ckpt / ADAPTER_WEIGHTS} does not fit the model: {what}")
     return ckpt
+
+
+def check_checkpoint_adapter(ckpt: Path, peft_model: Any) -> None:
+    """Refuse (TrainingError) to resume from a checkpoint whose adapter lacks a tensor the model trains."""
+    try:
+        check_adapter_file(ckpt, expected_adapter_tensors(peft_model))
+    except TrainingError as e:
+        raise TrainingError(f"--resume: cannot restore {ckpt.name}: {e} (FSDP runs before the issue 18 fix saved "
+                            "empty adapters: start a new run)") from None
 
 
 # ---------------------------------------------------------------- adapters
 def save_adapter(folder: str | Path, *, model: Any, tokenizer: Any, record: TrainingRecord, runtime: Any) -> Path:
     """Write a standard PEFT adapter folder with the tokenizer (and its chat template) and the
-    training record beside it (rank 0 writes; every process calls it)."""
+    training record beside it (rank 0 writes; every process calls it). TrainingError on every
+    process, and nothing replaced, when the adapter file would not hold every trained tensor."""
     folder = Path(folder)
-    state_dict = gathered_state_dict(model, runtime)
-    if runtime.is_main:
+    tensors = adapter_state_dict(model, runtime)
+
+    def write() -> None:
         with atomic_dir(folder) as tmp:
-            runtime.accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True,
-                                                                    state_dict=state_dict)
+            write_adapter_weights(tmp, runtime.accelerator.unwrap_model(model), tensors, where=folder)
             tokenizer.save_pretrained(tmp)
             write_training_record(tmp, record)
+
+    _write_on_rank0(runtime, folder, write)
     runtime.wait_for_everyone()
     return folder
 
 
+def _write_on_rank0(runtime: Any, folder: Path, write: Any) -> None:
+    """Run `write` on rank 0; a TrainingError there is raised on every process (a collective), so
+    no process is left waiting for a rank that has stopped."""
+    error: TrainingError | None = None
+    if runtime.is_main:
+        try:
+            write()
+        except TrainingError as e:
+            error = e
+    if runtime.any_process(error is not None):
+        raise error or TrainingError(f"{folder}: not written: rank 0 refused it (its log says why)")
+
+
+# ---------------------------------------------------------------- the adapter's tensors
+_WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+"""Name segments that FSDP, activation-checkpoint wrappers and torch.compile insert into module names
+(an FSDP state dict has none of them)."""
+
+
+def _clean_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def trained_tensors(peft_model: Any) -> dict[str, tuple[int, ...] | None]:
+    """{name in the (unwrapped) model's state dict: whole shape} of every tensor `peft_model` trains,
+    sorted, whether or not FSDP has wrapped and sharded its layers (an FSDP1 flat parameter stands
+    for the original tensors it holds). Shape None where only a shard is visible."""
+    from torch.distributed.fsdp._common_utils import FSDP_FLATTENED
+
+    out: dict[str, tuple[int, ...] | None] = {}
+    for name, param in peft_model.named_parameters():
+        if not param.requires_grad:
+            continue
+        fqns = getattr(param, "_fqns", None)
+        if fqns is not None:  # FlatParameter (use_orig_params=False): registered as <module>._flat_param
+            prefix = name.rpartition("_flat_param")[0]
+            for fqn, shape in zip(fqns, param._shapes, strict=True):
+                out[_clean_name(prefix + fqn)] = tuple(shape)
+        else:  # plain, or a sharded view of FSDP1 with use_orig_params=True (shape unknown)
+            out[_clean_name(name)] = None if getattr(param, FSDP_FLATTENED, False) else tuple(param.shape)
+    return dict(sorted(out.items()))
+
+
+def adapter_file_key(name: str, adapter_name: str) -> str:
+    """PEFT's adapter-file name of a model tensor: the adapter's name dropped
+    (``...q_proj.lora_A.default.weight`` -> ``...q_proj.lora_A.weight``)."""
+    parts = name.split(".")
+    if parts[-1] == adapter_name:  # an nn.Parameter held directly in a ParameterDict
+        del parts[-1]
+    elif len(parts) >= 2 and parts[-2] == adapter_name:  # a module's weight/bias
+        del parts[-2]
+    return ".".join(parts)
+
+
+def expected_adapter_tensors(peft_model: Any) -> dict[str, tuple[int, ...] | None]:
+    """{adapter-file key: shape} that a saved adapter of `peft_model` must hold: every trained tensor."""
+    adapter = peft_model.active_adapter
+    return {adapter_file_key(n, adapter): shape for n, shape in trained_tensors(peft_model).items()}
+
+
+def adapter_state_dict(model: Any, runtime: Any) -> dict[str, torch.Tensor] | None:
+    """Every tensor the model trains, whole, on CPU, under PEFT's adapter-file keys; None on the
+    ranks other than 0 under FSDP. A collective under FSDP: every process calls it.
+
+    Chosen by name from the model's trainable parameters, not by PEFT's module walk (which finds
+    nothing under nested FSDP units: issue 18)."""
+    peft_model = runtime.accelerator.unwrap_model(model)
+    trained = trained_tensors(peft_model)
+    if runtime.fsdp_version is None:
+        full = {_clean_name(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
+    else:
+        full = gathered_state_dict(model, runtime)
+        if not runtime.is_main:
+            return None
+    adapter = peft_model.active_adapter
+    # A missing tensor surfaces in write_adapter_weights' check (one message for every path).
+    return {adapter_file_key(n, adapter): full[n].detach().to("cpu", copy=True).contiguous()
+            for n in trained if n in full}
+
+
+def write_adapter_weights(tmp: Path, peft_model: Any, tensors: dict[str, torch.Tensor], *, where: Path) -> None:
+    """PEFT's adapter files in `tmp` (adapter_config.json, README.md, adapter_model.safetensors), the
+    weights being `tensors`; then the file is read back and checked (`check_adapter_file`)."""
+    from safetensors.torch import save_file
+
+    # PEFT writes the config and card; its weights file is replaced by ours, whose choice of tensors
+    # does not depend on how FSDP named the modules.
+    peft_model.save_pretrained(tmp, safe_serialization=True, state_dict={})
+    save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    check_adapter_file(tmp, expected_adapter_tensors(peft_model), where=where)
+
+
+def check_adapter_file(folder: str | Path, expected: dict[str, tuple[int, ...] | None], *,
+                       where: str | Path | None = None) -> None:
+    """Raise TrainingError (one line) unless `folder`'s adapter_model.safetensors holds exactly the
+    `expected` tensors ({key: shape, None = any shape}), each whole. `where` names the folder in
+    the message (a temporary folder's final name)."""
+    from safetensors import safe_open
+
+    path = Path(folder) / ADAPTER_WEIGHTS
+    shown = Path(where) / ADAPTER_WEIGHTS if where is not None else path
+    if not path.is_file():
+        raise TrainingError(f"{shown}: missing; the adapter's {len(expected)} trained tensors are not saved")
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    missing = [k for k in expected if k not in shapes]
+    unexpected = sorted(k for k in shapes if k not in expected)
+    wrong = [k for k, s in expected.items() if k in shapes and s is not None and shapes[k] != s]
+    if not (missing or unexpected or wrong):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} not trained by this model (e.g. {unexpected[0]})")
+    if wrong:
+        problems.append(f"{len(wrong)} of another shape (e.g. {wrong[0]}: {shapes[wrong[0]]}, "
+                        f"expected {expected[wrong[0]]})")
+    raise TrainingError(f"{shown}: holds {len(shapes)} tensors, not the {len(expected)} LoRA tensors the model "
+                        f"trains: {'; '.join(problems)}")
+
+
 # ---------------------------------------------------------------- FSDP gathering
 def gathered_state_dict(model: Any, runtime: Any) -> dict[str, torch.Tensor] | None:
-    """Under FSDP the whole model's state dict on rank 0 (a collective: every rank must call it;
-    PEFT keeps the adapter's part), else None (each process holds the whole adapter)."""
+    """Under FSDP the whole model's state dict on rank 0, with the unwrapped model's names (a
+    collective: every rank must call it), else None (each process holds the whole adapter)."""
     if runtime.fsdp_version is None:
         return None
-    return runtime.accelerator.get_state_dict(model)
+    if runtime.fsdp_version != 1:
+        return runtime.accelerator.get_state_dict(model)
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    # offload_to_cpu only from a GPU: on a CPU, FSDP's offload frees the very storage it "moved"
+    # (accelerate's get_state_dict always offloads, so it cannot gather on CPU).
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=runtime.on_gpu, rank0_only=True)):
+        return model.state_dict()
 
 
 def gathered_optimizer_state(model: Any, optimizer: Any, runtime: Any) -> dict[str, Any]:
@@ -241,8 +406,8 @@ def gathered_optimizer_state(model: Any, optimizer: Any, runtime: Any) -> dict[s
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
-                              FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+                              FullStateDictConfig(offload_to_cpu=runtime.on_gpu, rank0_only=True),
+                              FullOptimStateDictConfig(offload_to_cpu=runtime.on_gpu, rank0_only=True)):
         return FSDP.optim_state_dict(model, optimizer)
 
 

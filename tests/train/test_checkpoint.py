@@ -177,3 +177,82 @@ def test_check_resumable_refuses_another_recipe_data_or_global_batch(tmp_path, r
     data.write_text('{"instruction": "q2", "output": "a"}\n', encoding="utf-8")
     with pytest.raises(TrainingError, match=r"train\.jsonl is not the file the checkpointed run trained on"):
         checkpoint.check_resumable(run, cfg, world_size=1)
+
+
+# ------------------------------------------------------------------ the adapter holds what the model trains (issue 18)
+def test_adapter_tensors_are_those_peft_saves(runtime):
+    """Chosen from the trainable parameters, the adapter's tensors and names are PEFT's own."""
+    from peft import get_peft_model_state_dict
+
+    model, optimizer, scheduler = recipe()
+    step(model, optimizer, scheduler)
+    ours, peft = checkpoint.adapter_state_dict(model, runtime), get_peft_model_state_dict(model)
+    assert list(ours) == sorted(peft) and len(ours) == 2 * 2 * 2  # lora_A/B of q/v in 2 layers
+    for k, v in peft.items():
+        torch.testing.assert_close(ours[k], v, rtol=0, atol=0, msg=k)
+    assert checkpoint.expected_adapter_tensors(model) == {k: tuple(v.shape) for k, v in ours.items()}
+
+
+def _emptied_gathering(monkeypatch, runtime, gathered: dict):
+    """A runtime that gathers like FSDP, and a gathering that returns `gathered`, as FSDP + PEFT
+    did (the optimizer state is gathered as it is)."""
+    monkeypatch.setattr(checkpoint, "gathered_state_dict", lambda model, rt: gathered)
+    monkeypatch.setattr(checkpoint, "gathered_optimizer_state", lambda model, optimizer, rt: optimizer.state_dict())
+    return dataclasses.replace(runtime, fsdp_version=1)
+
+
+def test_an_adapter_without_the_trained_tensors_is_refused_and_nothing_replaced(tmp_path, runtime, monkeypatch,
+                                                                             tiny_exaone_dir):
+    from safetensors.torch import load_file
+
+    from hai_medqa.model.load import load_tokenizer
+    from hai_medqa.run_folder import TrainingRecord
+
+    model, optimizer, scheduler = recipe()
+    tokenizer, record = load_tokenizer(tiny_exaone_dir), TrainingRecord(base_model="some/base", step=1)
+    folder = checkpoint.save_adapter(tmp_path / "adapter_last", model=model, tokenizer=tokenizer, record=record,
+                                     runtime=runtime)
+    good = load_file(folder / "adapter_model.safetensors")
+    fsdp_like = _emptied_gathering(monkeypatch, runtime, {})
+    with pytest.raises(TrainingError, match=r"adapter_last/adapter_model\.safetensors: holds 0 tensors, not the 8 "
+                                            r"LoRA tensors the model trains: 8 missing \(e\.g\. base_model\.model\."
+                                            r"model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight\)"):
+        checkpoint.save_adapter(folder, model=model, tokenizer=tokenizer, record=record, runtime=fsdp_like)
+    assert load_file(folder / "adapter_model.safetensors").keys() == good.keys()  # the earlier adapter stays
+    with pytest.raises(TrainingError, match=r"step_0000003/adapter_model\.safetensors: holds 0 tensors, not the 8"):
+        checkpoint.save(tmp_path / "run", TrainState(global_step=3), model=model, optimizer=optimizer,
+                        scheduler=scheduler, runtime=fsdp_like, keep=2)
+    assert list_checkpoints(tmp_path / "run") == []
+
+    # a shard instead of the whole tensor (flattened, as FSDP holds it) is refused too
+    sharded = {k: v.detach().flatten()[: v.numel() // 2] if "q_proj.lora_A" in k else v.detach()
+               for k, v in model.state_dict().items()}
+    with pytest.raises(TrainingError, match=r"holds 8 tensors, not the 8 LoRA tensors the model trains: 2 of another "
+                                            r"shape \(e\.g\. .*q_proj\.lora_A\.weight: \(64,\), expected \(4, 32\)\)"):
+        checkpoint.save_adapter(folder, model=model, tokenizer=tokenizer, record=record,
+                                runtime=_emptied_gathering(monkeypatch, runtime, sharded))
+
+
+def test_resume_refuses_a_checkpoint_adapter_missing_a_trained_tensor(tmp_path, runtime):
+    """PEFT loads a partial adapter without a word (the missing LoRA stays at its initial value)."""
+    from safetensors.torch import load_file, save_file
+
+    model, optimizer, scheduler = recipe()
+    step(model, optimizer, scheduler)
+    folder = checkpoint.save(tmp_path, TrainState(global_step=1), model=model, optimizer=optimizer,
+                             scheduler=scheduler, runtime=runtime, keep=1)
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    dropped = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    save_file({k: v for k, v in tensors.items() if k != dropped}, weights, metadata={"format": "pt"})
+
+    model2, optimizer2, scheduler2 = recipe(lora_seed=1)
+    expected = rf"--resume: cannot restore step_0000001: .*adapter_model\.safetensors: holds 7 tensors, not the 8 .*1 missing \(e\.g\. {dropped}\)"
+    with pytest.raises(TrainingError, match=expected):
+        checkpoint.load_adapter_weights(model2, tmp_path, runtime.device)
+    with pytest.raises(TrainingError, match=expected):
+        checkpoint.restore(tmp_path, model=model2, optimizer=optimizer2, scheduler=scheduler2, runtime=runtime,
+                           seed=0)
+    save_file({}, weights, metadata={"format": "pt"})  # what FSDP runs wrote before the fix
+    with pytest.raises(TrainingError, match=r"holds 0 tensors, not the 8 .*\(FSDP runs before the issue 18 fix"):
+        checkpoint.load_adapter_weights(model2, tmp_path, runtime.device)
