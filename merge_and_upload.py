@@ -6,6 +6,13 @@
 
 The merge streams the base checkpoint tensor by tensor (about one weight of RAM, exact fp32 math);
 see docs/model_merge.md for the merge modes, layouts, the card and the EXAONE license rules.
+
+Runs through hai_medqa.cli.run_cli: a user error is one line (also in --log-file), exit 1; SIGINT,
+SIGTERM and SIGHUP exit 128 + the signal number. Before any work the paths are checked
+(hai_medqa.guards): no output may be, contain or lie inside the base, the adapter or an
+--eval-results file, or be or contain the training run folder (RUN/merged is fine); a file where a
+folder is expected is one line. The output folder appears only when complete (io_utils.atomic_dir):
+an interrupt leaves no partial folder and an existing one byte-identical.
 """
 
 from __future__ import annotations
@@ -13,11 +20,15 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
 from loguru import logger
 
+from hai_medqa.cli import run_cli
 from hai_medqa.errors import HaiMedQAError
-from hai_medqa.logging_setup import setup_logging
+from hai_medqa.guards import PathError, check_input_kinds, check_output_paths, same_path
+from hai_medqa.io_utils import fault_point
+from hai_medqa.logging_setup import FILE_ONLY, setup_logging
 from hai_medqa.publish.release import make_release
 
 USER_ERRORS = (HaiMedQAError, OSError)  # every stage's error (merge, adapter, card, publish, model) and file errors
@@ -74,18 +85,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _to_log_file(log_file: str | None, message: str, *, traceback: bool = False) -> None:
-    """`message` (with the current traceback) in the log file only: the console has its own line."""
-    if log_file:
-        logger.remove()
-        logger.add(log_file, level="DEBUG", encoding="utf-8")
-        (logger.opt(exception=True) if traceback else logger).error(message)
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse, in one line naming the path, before any work: a base, adapter or run folder that is a
+    file, an --eval-results that is a folder, and an output (--output, --gguf-output, --log-file)
+    that is, contains or lies inside the base, the adapter folder or an evaluation file, or that is or
+    contains the run folder (an output inside it, RUN/merged, is where releases usually go)."""
+    from hai_medqa.merge.lora import resolve_adapter_dir
+    from hai_medqa.run_folder import find_run_dir
+
+    base = Path(args.base).expanduser()
+    local_base = base if base.exists() else None  # else a Hub id, downloaded into the cache
+    evals = {f"--eval-results {p}": p for p in args.eval_results or []}
+    check_input_kinds(files=evals, folders={"--base": local_base, "--adapter": args.adapter, "--run-dir": args.run_dir})
+    adapter_dir = resolve_adapter_dir(args.adapter)
+    run = Path(args.run_dir) if args.run_dir else find_run_dir(adapter_dir)
+    outputs = {"--output": args.output, "--gguf-output": args.gguf_output, "--log-file": args.log_file}
+    check_output_paths({"--base": local_base, "--adapter": adapter_dir, **evals}, outputs,
+                       folders={"--output", "--gguf-output"})
+    if run is not None and run.is_dir():
+        for label, out in outputs.items():
+            if out is not None and (same_path(out, run) or any(same_path(out, a) for a in Path(run).resolve().parents)):
+                raise PathError(f"{label} {out} {'is' if same_path(out, run) else 'contains'} the training run "
+                                f"folder {run}; write it elsewhere (e.g. {Path(run) / 'merged'})")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (exit codes and messages of hai_medqa.cli.run_cli)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        check_paths(args)
+    except USER_ERRORS as e:  # the line reaches the log file too, unless the log file is what is wrong
+        if args.log_file and "--log-file" not in str(e):
+            _log_error(args.log_file, e)
+        raise
     setup_logging(args.log_file)
     try:
+        fault_point("merge:start")  # fault-injection tests stop here (tests/merge/test_merge_faults.py)
         gguf_types = None
         if args.gguf is not None:  # checked before the merge: a typo costs nothing
             from hai_medqa.publish.gguf_export import parse_gguf_types
@@ -106,15 +145,22 @@ def main(argv: list[str] | None = None) -> int:
             make_gguf_release(result.folder, gguf_types, repo_id=result.repo_id, out_dir=args.gguf_output,
                               push=args.push, dry_run=args.dry_run, private=args.private,
                               allow_noncompliant_name=args.allow_noncompliant_name, overwrite=args.overwrite)
-    except USER_ERRORS as e:
-        line = f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
-        print(line, file=sys.stderr, flush=True)
-        _to_log_file(args.log_file, line)
-        return 1
-    except Exception as e:  # a bug: its traceback on the console and in the log file
-        _to_log_file(args.log_file, f"unexpected {type(e).__name__}: {e}", traceback=True)
+    except USER_ERRORS as e:  # run_cli prints the line (and puts the traceback in the log file)
+        _log_error(None, e)
+        raise
+    except KeyboardInterrupt as e:
+        e.add_note(f"{args.output} appears only when complete: no partial folder was left, an existing one is "
+                   "unchanged")
         raise
     return 0
+
+
+def _log_error(log_file: str | None, e: BaseException) -> None:
+    """The console's ``error: ...`` line in the log file too (`log_file`: set logging up first)."""
+    if log_file:
+        setup_logging(log_file)
+    text = str(e).strip()
+    logger.bind(**{FILE_ONLY: True}).error(f"error: {text.splitlines()[0] if text else type(e).__name__}")
 
 
 if __name__ == "__main__":
