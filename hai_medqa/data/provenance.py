@@ -3,7 +3,8 @@
 The preprocess report beside a jsonl (`run_folder.preprocess_report_path`) knows its sources; this
 module turns it into what a model card may claim: the dataset as detected from the input tree (the
 bundled synthetic sample or AI Hub's dataset), the split, the pairing mode and seed, counts and skip
-counts by reason, and the file's own hash and record count. The trainer records it in the adapter's
+counts by reason, and the file's own hash and record count. The bundled consultation sample (no
+preprocess report: it is written in chat format) is recognised by its bytes. The trainer records it in the adapter's
 TrainingRecord (``data``); the card's training-data section is written from it
 (`hai_medqa.train.adapter_folder.describe_training_data`).
 """
@@ -18,11 +19,13 @@ from hai_medqa.io_utils import read_json_object, sha256_file
 from hai_medqa.run_folder import preprocess_report_path
 
 from .read import SPLIT_MARKERS
-from .schema import BUNDLED_AIHUB_SAMPLE
+from .schema import BUNDLED_AIHUB_SAMPLE, BUNDLED_CONSULTATION_SAMPLE
 
 SYNTHETIC_SAMPLE = "synthetic sample"
 AIHUB_DATASET = "AI Hub 초거대AI 헬스케어 질의응답 데이터 (dataSetSn 71762)"
 AIHUB_DATASET_URL = "https://www.aihub.or.kr/aihubdata/data/view.do?dataSetSn=71762"
+CONSULTATION_SAMPLE = "consultation sample"
+_CONSULTATION_SPLITS = {"train.jsonl": "train", "val.jsonl": "validation"}
 
 
 def data_provenance(jsonl_path: str | Path) -> dict[str, Any]:
@@ -30,7 +33,8 @@ def data_provenance(jsonl_path: str | Path) -> dict[str, Any]:
     sha256 and record count, and from its preprocess report (`preprocess_report_path`, used only
     when the report describes this very file) the source dataset as detected from the input tree
     (``SYNTHETIC_SAMPLE`` for the bundled sample), the split, the pairing mode and seed, counts and
-    skip counts by reason. Example::
+    skip counts by reason. A byte-identical copy of the bundled consultation sample's train.jsonl or
+    val.jsonl is ``CONSULTATION_SAMPLE`` with its split (and no report). Example::
 
         data_provenance("data/train.jsonl") -> {"file": "train.jsonl", "sha256": "2fdc…", "records": 243,
             "source": "synthetic sample", "split": "train", "pairing": "round_robin", "seed": 0, …}
@@ -44,6 +48,10 @@ def data_provenance(jsonl_path: str | Path) -> dict[str, Any]:
             records += bool(line.strip())
     out: dict[str, Any] = {"file": path.name, "sha256": digest.hexdigest(), "records": records,
                            "source": None, "split": None, "report": False}
+    bundled = _consultation_split(out["sha256"])
+    if bundled is not None:
+        out.update(source=CONSULTATION_SAMPLE, split=bundled)
+        return out
     report = read_json_object(preprocess_report_path(path))
     if not report or report.get("output_sha256") != out["sha256"]:
         return out  # no report, or one that describes another file: claim nothing from it
@@ -63,6 +71,15 @@ def data_provenance(jsonl_path: str | Path) -> dict[str, Any]:
                  for reason, entry in sorted(skipped.items())},
     )
     return out
+
+
+def _consultation_split(sha256: str) -> str | None:
+    """The split of the bundled consultation sample file with these bytes, else None."""
+    for name, split in _CONSULTATION_SPLITS.items():
+        bundled = BUNDLED_CONSULTATION_SAMPLE / name
+        if bundled.is_file() and sha256_file(bundled) == sha256:
+            return split
+    return None
 
 
 def _is_bundled_sample(source: dict[str, Any]) -> bool:

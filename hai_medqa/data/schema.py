@@ -22,6 +22,8 @@ from hai_medqa.errors import HaiMedQAError
 BUNDLED_AIHUB_SAMPLE = Path(__file__).resolve().parents[1] / "resources" / "aihub_sample"
 """The bundled synthetic sample in AI Hub's layout (tree + TL.zip/VL.zip; built by
 hai_medqa.fixtures.aihub_sample). The data stage recognises it as a source (data/provenance.py)."""
+BUNDLED_CONSULTATION_SAMPLE = Path(__file__).resolve().parents[1] / "resources" / "consultation_sample"
+"""The bundled hand-written multi-turn consultations (train.jsonl, val.jsonl; what the demo trains on)."""
 
 QUESTION_DIR = "1.질문"
 ANSWER_DIR = "2.답변"

@@ -30,6 +30,7 @@ from hai_medqa.inference.generation import InferenceError, load_for_inference, r
 from hai_medqa.inference.resume import GenerationJournal, journal_path
 from hai_medqa.inference.system_prompt import SystemPromptChoice, choose_system_prompt, trained_prompt
 from hai_medqa.logging_setup import setup_logging
+from hai_medqa.model.identity import eval_model_identity
 from hai_medqa.run_folder import ADAPTER_DIRS, EVAL_RESULTS, find_adapter_dir
 
 
@@ -189,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         for label, (_, model, adapter_dir), d, journal in zip(labels, models, out_dirs, journals, strict=True):
             lm = load_for_inference(model, str(adapter_dir) if adapter_dir else None, **load)
             try:
-                results, artefacts = evaluate_model(lm, opts, inputs, label=label, journal=journal)
+                # whose numbers these are: the model and adapter as given (a release checks it)
+                identity = eval_model_identity(model, adapter_dir, revision=args.revision,
+                                               quantize_4bit=args.load_4bit)
+                results, artefacts = evaluate_model(lm, opts, inputs, label=label, journal=journal,
+                                                    evaluated_model=identity)
             finally:
                 lm.close()  # free the first model before loading the second
                 journal.close()

@@ -21,7 +21,7 @@ from hai_medqa.evaluation.perplexity import answer_perplexity
 from hai_medqa.inference.generation import GenerationSettings, InferenceError, LoadedModel, generate
 from hai_medqa.inference.resume import GenerationJournal, generate_journaled
 from hai_medqa.io_utils import sha256_file
-from hai_medqa.run_folder import EVAL_RESULTS, package_versions
+from hai_medqa.run_folder import EVAL_MODEL_KEY, EVAL_RESULTS, package_versions
 
 PREDICTIONS = "predictions.jsonl"
 KORMEDMCQA_ITEMS = "kormedmcqa_items.jsonl"
@@ -94,8 +94,10 @@ def prepare_inputs(opts: EvalOptions) -> EvalInputs:
         keep = select_samples(len(records), opts.samples, opts.seed)
         lines = [records[i][0] for i in keep]
         conversations = [records[i][1] for i in keep]
-        data_info = {"path": str(opts.data), "sha256": sha256_file(opts.data), "records": stats["records"],
-                     "unusable_records": stats["unusable_records"], "evaluated": len(keep)}
+        # "path" stays local (a release keeps "file", the hash and the counts: publish.shareable)
+        data_info = {"file": Path(opts.data).name, "path": str(opts.data), "sha256": sha256_file(opts.data),
+                     "records": stats["records"], "unusable_records": stats["unusable_records"],
+                     "evaluated": len(keep)}
     mcq = fewshot = None
     if opts.kormedmcqa is not None:
         full = kmq.load_kormedmcqa(opts.kormedmcqa, opts.kormedmcqa_subsets, opts.kormedmcqa_split)
@@ -124,9 +126,13 @@ def mcq_prompt(prompt: str, fmt: str) -> str:
 
 
 def evaluate_model(lm: LoadedModel, opts: EvalOptions, inputs: EvalInputs, *, label: str,
-                   journal: GenerationJournal | None = None) -> tuple[dict, dict]:
+                   journal: GenerationJournal | None = None,
+                   evaluated_model: dict[str, Any] | None = None) -> tuple[dict, dict]:
     """Run the evaluation of one loaded model. Returns (eval_results dict, artefacts) where artefacts
     holds per-sample predictions and per-item KorMedMCQA answers for the jsonl files.
+
+    `evaluated_model` (`hai_medqa.model.identity.eval_model_identity` of the model as it was given)
+    is recorded under EVAL_MODEL_KEY: a release shows the results only for that model.
 
     With a `journal`, every generated answer is appended to it as it is made and answers already in
     it (an interrupted run's) are not generated again."""
@@ -139,6 +145,7 @@ def evaluate_model(lm: LoadedModel, opts: EvalOptions, inputs: EvalInputs, *, la
 
     results: dict[str, Any] = {
         "model": label,
+        **({EVAL_MODEL_KEY: evaluated_model} if evaluated_model is not None else {}),
         "model_info": lm.info,
         "samples": len(inputs.conversations),
         "seed": opts.seed,
@@ -173,7 +180,8 @@ def evaluate_model(lm: LoadedModel, opts: EvalOptions, inputs: EvalInputs, *, la
             ppl = answer_perplexity(lm.model, lm.tokenizer, inputs.conversations, system_prompt=system_prompt,
                                     max_length=opts.max_length, batch_size=opts.batch_size, progress=True)
             results["metrics"]["answer_ppl"] = ppl["answer_ppl"]
-            results["metrics_detail"].update({k: ppl[k] for k in ("answer_nll", "answer_tokens", "truncated")})
+            results["metrics_detail"].update({k: ppl[k] for k in ("answer_nll", "answer_tokens", "truncated")},
+                                             max_length=opts.max_length)
     if inputs.mcq is not None:
         mcq_settings = GenerationSettings(max_new_tokens=opts.kormedmcqa_max_new_tokens, temperature=0.0,
                                           repetition_penalty=opts.generation.repetition_penalty, seed=opts.seed)

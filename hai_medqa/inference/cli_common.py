@@ -16,7 +16,8 @@ def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = False) 
     g = p.add_argument_group("model")
     g.add_argument("--model", required=model_required,
                    help="merged model folder or Hub id (EXAONE or Llama layout). With --adapter: the base "
-                        "model (default: the base recorded in the adapter's adapter_config.json)")
+                        "model (default: the base recorded with the adapter: its Hub id in adapter_config.json, "
+                        "else, for a local base, the --model of its training run's run_info.json)")
     g.add_argument("--revision", help="Hub revision (branch, tag or commit) of --model")
     g.add_argument("--adapter", help="LoRA adapter folder, or a training run folder (uses adapter_best/, "
                                      "else adapter_last/)")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from hai_medqa.chat_format import ChatTokenIds, apply_tokenizer_rule
 from hai_medqa.errors import HaiMedQAError
-from hai_medqa.run_folder import ADAPTER_CONFIG
+from hai_medqa.run_folder import ADAPTER_CONFIG, RUN_INFO, run_base_model
 
 TOKENIZER_CONFIG = "tokenizer_config.json"  # transformers' name; an adapter folder carries one when training saved it
 
@@ -139,13 +139,34 @@ def _resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-def adapter_base(adapter_dir: Path) -> str | None:
-    """``base_model_name_or_path`` recorded in an adapter's adapter_config.json (None if absent)."""
+def recorded_base(adapter_dir: Path) -> tuple[str, str | None]:
+    """(model, revision) to load under an adapter when no --model is given.
+
+    The adapter's config names its base by Hub id (with the revision trained on); an adapter trained on
+    a local folder records null there (no local path is shared), and then the training run's
+    run_info.json (``model.requested``, else the Llama copy it trained on, ``model.local_path``) names
+    it, when the adapter is still inside its run folder and that model is still here. Otherwise an
+    InferenceError asking for --model."""
+    from hai_medqa.model.acquire import is_hub_id
+
     try:
         cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise InferenceError(f"{adapter_dir / ADAPTER_CONFIG}: cannot read ({e})") from None
-    return cfg.get("base_model_name_or_path") or None
+    if cfg.get("base_model_name_or_path"):
+        logger.info(f"base model from the adapter's config: {cfg['base_model_name_or_path']}")
+        return cfg["base_model_name_or_path"], cfg.get("revision") or None
+    run = run_base_model(adapter_dir) or {}
+    where = f"{adapter_dir.parent / RUN_INFO}"
+    for key in ("requested", "local_path"):
+        value = run.get(key)
+        if isinstance(value, str) and value and (Path(value).expanduser().exists()
+                                                 or (key == "requested" and is_hub_id(value))):
+            logger.info(f"base model from the training run's {where} (model.{key}): {value}")
+            return value, run.get("revision") if key == "requested" else None
+    recorded = f"; the run recorded {run.get('requested')!r}, which is not here" if run.get("requested") else ""
+    raise InferenceError(f"{adapter_dir}: the adapter records no base model (it was trained on a local folder"
+                         f"{recorded}); pass --model")
 
 
 def resolve_adapter(adapter: str | Path | None) -> Path | None:
@@ -173,7 +194,7 @@ def load_for_inference(
     `model` follows the project's ``--model`` convention (Hub id or local folder, EXAONE or Llama
     layout; see `hai_medqa.model.acquire.resolve_model`). `adapter` is a PEFT folder or a training run
     folder (its adapter_best/, else adapter_last/). Without `model`, the adapter's recorded base is
-    used. The tokenizer comes from the adapter folder when it carries one (that is what training
+    used (`recorded_base`: its config's Hub id, else its run's run_info.json). The tokenizer comes from the adapter folder when it carries one (that is what training
     used), else from the model.
     """
     from hai_medqa.model.acquire import resolve_model
@@ -183,10 +204,8 @@ def load_for_inference(
     if model is None:
         if adapter_dir is None:
             raise InferenceError("give --model (a merged folder or Hub id) and/or --adapter")
-        model = adapter_base(adapter_dir)
-        if model is None:
-            raise InferenceError(f"{adapter_dir}: adapter_config.json records no base model; pass --model")
-        logger.info(f"base model from the adapter's config: {model}")
+        model, recorded_revision = recorded_base(adapter_dir)
+        revision = revision or recorded_revision
     device = device or _default_device()
     dtype = _resolve_dtype(dtype, device)
     folder = resolve_model(model, revision)

@@ -78,7 +78,7 @@ def whose(identity: dict[str, Any], label: Any = None) -> str:
     name = f" (label {label!r})" if label else ""
     kind = identity.get("weights")
     if kind == "base":
-        return f"the base model {base} without any adapter{name}"
+        return f"the base model {identity.get('base_model') or '(a local folder)'} without any adapter{name}"
     if kind == "adapter":
         return f"the adapter with weights {_short(identity.get('fingerprint'))} on {base}{name}"
     if kind == "merged":

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from hai_medqa.chat_format import DEFAULT_SYSTEM_PROMPT
-from hai_medqa.data.provenance import AIHUB_DATASET, AIHUB_DATASET_URL, SYNTHETIC_SAMPLE
+from hai_medqa.data.provenance import AIHUB_DATASET, AIHUB_DATASET_URL, CONSULTATION_SAMPLE, SYNTHETIC_SAMPLE
 from hai_medqa.errors import HaiMedQAError
 from hai_medqa.io_utils import atomic_write_text
 from hai_medqa.publish.license import EXAONE_CITATION, EXAONE_LICENSE_NAME, EXAONE_LICENSE_URL
@@ -309,6 +309,9 @@ def _data_summary(facts: Mapping[str, Any]) -> str:
     if train.get("source") == SYNTHETIC_SAMPLE:
         return ("on the **bundled synthetic sample** of the HAI MedQA project (a few hundred generated records "
                 "in AI Hub's layout: a pipeline demonstration, not a medical model)")
+    if train.get("source") == CONSULTATION_SAMPLE:
+        return ("on the **bundled consultation sample** of the HAI MedQA project (a few dozen hand-written "
+                "multi-turn consultations: a pipeline demonstration, not a medical model)")
     if train.get("source") == AIHUB_DATASET:
         return f"on Korean healthcare question answering ([{AIHUB_DATASET}]({AIHUB_DATASET_URL}))"
     return "on Korean healthcare question answering data whose source was not recorded"

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from hai_medqa.data.provenance import AIHUB_DATASET, AIHUB_DATASET_URL, SYNTHETIC_SAMPLE
+from hai_medqa.data.provenance import AIHUB_DATASET, AIHUB_DATASET_URL, CONSULTATION_SAMPLE, SYNTHETIC_SAMPLE
 from hai_medqa.io_utils import atomic_write_text, read_json_object, write_json
 from hai_medqa.model.identity import hub_reference
 from hai_medqa.run_folder import (
@@ -39,6 +39,12 @@ def describe_training_data(data: dict[str, Any] | None, *, run_data: dict[str, A
         if not isinstance(prov, dict):
             continue
         head = f"**{split_name}**: `{prov.get('file')}`, {prov.get('records')} records (sha256 `{prov.get('sha256')}`)"
+        if prov.get("source") == CONSULTATION_SAMPLE:
+            parts.append(head + ", the **bundled consultation sample** of this project (Korean multi-turn "
+                         "consultations written by hand for the project as a template and test fixture, in OpenAI "
+                         "messages format; not AI Hub data, not reviewed by a clinician)"
+                         + (f", split `{prov['split']}`" if prov.get("split") else "") + ".")
+            continue
         if not prov.get("report"):
             parts.append(head + ". No preprocess report describing this file was found, so its source is not stated.")
             continue

@@ -33,9 +33,11 @@ from tqdm import tqdm
 
 from hai_medqa import chat_format
 from hai_medqa.cli import signal_name
+from hai_medqa.data.provenance import data_provenance
 from hai_medqa.io_utils import fault_point
 from hai_medqa.run_folder import ADAPTER_BEST, ADAPTER_LAST, TrainingRecord, list_checkpoints
 from hai_medqa.train import checkpoint, eval_loss, sample_answers
+from hai_medqa.train.adapter_folder import finish_adapter_folder
 from hai_medqa.train.checkpoint import TrainState
 from hai_medqa.train.config import TrainConfig, check_fsdp_requirements, check_run_paths, settle_config
 from hai_medqa.train.errors import NonFiniteLossError, TrainingError
@@ -75,6 +77,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.record = RunRecord(self.out, writer=self.runtime.is_main)
         self.state = TrainState()
+        self._data: dict[str, Any] | None = None  # TrainingRecord.data, read on the first adapter save
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
@@ -176,9 +179,9 @@ class Trainer:
         improved = st.best_val_loss is None or ev["val_loss"] < st.best_val_loss - cfg.early_stopping_min_delta
         note = " (best so far)" if improved else f" (best {st.best_val_loss:.4f} at step {st.best_step})"
         self.record.log_eval(st.global_step, ev["val_loss"], ev["val_ppl"], note)
+        sample_answers.at_evaluation(self)  # fixed validation questions answered greedily (samples.jsonl)
         if improved:
             st.best_val_loss, st.best_step, st.evals_without_improvement = ev["val_loss"], st.global_step, 0
-        sample_answers.at_evaluation(self)  # fixed validation questions answered greedily (samples.jsonl)
             self.save_adapter(self.out / ADAPTER_BEST)
             return False
         st.evals_without_improvement += 1
@@ -270,13 +273,38 @@ class Trainer:
                                scheduler=self.scheduler, runtime=self.runtime, keep=self.cfg.save_total_limit)
 
     def save_adapter(self, folder: str | Path) -> Path:
-        """A standard PEFT adapter folder with the tokenizer, chat template and training record (rank 0)."""
+        """A standard PEFT adapter folder with the tokenizer, chat template and training record, made
+        shareable on rank 0 (`finish_adapter_folder`: the base by Hub id or null, the data's
+        provenance, the project's card instead of PEFT's template; the weights are not touched)."""
         folder, cfg, st = Path(folder), self.cfg, self.state
         record = TrainingRecord(base_model=cfg.model, base_model_revision=cfg.model_revision, base_layout="llama",
                                 step=st.global_step, val_loss=st.best_val_loss if folder.name == ADAPTER_BEST else None,
-                                system_prompt=chat_format.resolve_system_prompt(cfg.system_prompt))
-        return checkpoint.save_adapter(folder, model=self.model, tokenizer=self.tokenizer, record=record,
-                                       runtime=self.runtime)
+                                system_prompt=chat_format.resolve_system_prompt(cfg.system_prompt),
+                                data=self._data_record() if self.is_main else None)
+        checkpoint.save_adapter(folder, model=self.model, tokenizer=self.tokenizer, record=record,
+                                runtime=self.runtime)
+        if self.is_main:
+            finish_adapter_folder(folder, record, run_dir=self.out, requested_model=cfg.model,
+                                  summary=self._progress())
+        return folder
+
+    def _data_record(self) -> dict[str, Any]:
+        """TrainingRecord.data: the provenance of the training and validation files (read once)."""
+        if self._data is None:
+            cfg = self.cfg
+            self._data = {"train": data_provenance(cfg.train_file),
+                          "validation": data_provenance(cfg.val_file) if cfg.val_file else None}
+        return self._data
+
+    def _progress(self) -> dict[str, Any]:
+        """summary.json's progress keys as they stand now (the adapter card's steps and tokens: the
+        run's summary.json is written only at the end, and may be an earlier session's)."""
+        st = self.state
+        in_epoch = self.steps_per_epoch[st.epoch] if st.epoch < len(self.steps_per_epoch) else 0
+        epochs = round(st.epoch + st.step_in_epoch / in_epoch, 4) if in_epoch else st.epoch  # as metrics.jsonl
+        return {"global_step": st.global_step, "total_steps": self.total_steps, "epoch": epochs,
+                "tokens_seen": st.tokens_seen, "loss_tokens_seen": st.loss_tokens_seen,
+                "best_val_loss": st.best_val_loss, "best_step": st.best_step}
 
     def _finish(self, status: str, t_start: float) -> dict[str, Any]:
         self.record.close_progress()

@@ -177,3 +177,46 @@ def test_killed_batch_resumes_to_the_same_file(tmp_path, repo_root, tiny_exaone_
     assert run_cli(chat_main, _args(tiny_exaone_dir, src, dst, "--resume")) == 0
     assert dst.read_bytes() == uninterrupted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "q.jsonl"]
+
+
+# ---------------------------------------------------------------- an adapter trained on a local base
+
+
+def test_adapter_of_a_local_base_uses_its_runs_model(tmp_path, tiny_lora_run, tiny_exaone_dir, capsys, monkeypatch):
+    """Training writes base_model_name_or_path = null for a local base (no path is shared); chat.py
+    --adapter RUN without --model then loads the model the run recorded (run_info.json model.requested),
+    saying so, and without such a record stops with one line asking for --model before loading anything."""
+    import shutil
+
+    from hai_medqa.model import load as model_load
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_lora_run, run)
+    config = run / "adapter_best" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": None}))
+    args = ["--adapter", str(run), "--prompt", "두통", "--dtype", "float32", "--device", "cpu",
+            "--max-new-tokens", "4", "--no-safety"]
+    loads = []
+    real_load = model_load.load_causal_lm  # load_for_inference imports it when called: a spy sees every load
+    monkeypatch.setattr(model_load, "load_causal_lm", lambda folder, **k: loads.append(folder) or real_load(folder, **k))
+
+    def errors() -> list[str]:
+        return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+    info_path = run / "run_info.json"
+    assert run_cli(chat_main, args) == 1  # the fixture's run_info.json has no model entry
+    (err,) = errors()
+    assert "records no base model" in err and "pass --model" in err and loads == []
+
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "model": {"requested": str(tmp_path / "moved"), "revision": None}}))
+    assert run_cli(chat_main, args) == 1
+    (err,) = errors()
+    assert f"the run recorded {str(tmp_path / 'moved')!r}, which is not here" in err and loads == []
+
+    info_path.write_text(json.dumps({**info, "model": {"requested": str(tiny_exaone_dir), "revision": None,
+                                                       "local_path": str(tmp_path / "moved")}}))
+    assert run_cli(chat_main, args) == 0
+    err = capsys.readouterr().err
+    assert f"base model from the training run's {info_path} (model.requested): {tiny_exaone_dir}" in err
+    assert len(loads) == 1

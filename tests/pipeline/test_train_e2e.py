@@ -101,3 +101,29 @@ def test_adapter_loads_with_peft_and_changes_the_output(run_dir, tiny_exaone_dir
     assert not torch.equal(tuned_gen, base_gen)
     meta = json.loads((adapter / "hai_medqa_training.json").read_text(encoding="utf-8"))
     assert meta["base_layout"] == "llama" and meta["system_prompt"] == chat_format.DEFAULT_SYSTEM_PROMPT
+
+
+def test_run_adapters_are_shareable_and_their_weights_are_peft_s(run_dir, sample_jsonl):
+    """The trainer finishes each adapter folder (train.adapter_folder.finish_adapter_folder): the tiny
+    local base is named by no path (null), the record carries the data's provenance, the README is
+    the project's card, and the weights are PEFT's bytes as saved (adapter_last equals the step-24
+    checkpoint's adapter, which nothing rewrites)."""
+    from hai_medqa.data.provenance import SYNTHETIC_SAMPLE
+
+    assert sha256_file(run_dir / "adapter_last" / "adapter_model.safetensors") == sha256_file(
+        run_dir / "checkpoints" / f"step_{STEPS:07d}" / "adapter_model.safetensors")
+    for name in ("adapter_best", "adapter_last"):
+        adapter = run_dir / name
+        assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+        record = json.loads((adapter / "hai_medqa_training.json").read_text(encoding="utf-8"))
+        assert record["base_model"] is None
+        train, val = record["data"]["train"], record["data"]["validation"]
+        assert (train["source"], train["split"], train["sha256"]) == (
+            SYNTHETIC_SAMPLE, "train", sha256_file(sample_jsonl["train"]))
+        assert (val["source"], val["split"], val["sha256"]) == (
+            SYNTHETIC_SAMPLE, "validation", sha256_file(sample_jsonl["validation"]))
+        card = (adapter / "README.md").read_text(encoding="utf-8")
+        assert "[More Information Needed]" not in card and "bundled synthetic sample" in card
+        assert f"# HAI MedQA LoRA adapter at step {record['step']}" in card and "| LoRA rank r | 16 |" in card
+        steps = f"{STEPS}" if record["step"] == STEPS else f"{record['step']} of {STEPS}"  # mid-run: its own step
+        assert f"| steps | {steps} |" in card and "| tokens seen |" in card

@@ -1,6 +1,7 @@
-"""No local path in anything published: the whole pipeline (bundled sample -> preprocess -> tiny EXAONE
--> S_F2.py -> merge_and_upload.py --dry-run, merged and adapter-only) runs under a folder whose path
-holds a unique marker, and no byte of any file the upload would send contains it."""
+"""No local path in anything published or shared: the whole pipeline (bundled sample -> preprocess ->
+tiny EXAONE -> S_F2.py -> merge_and_upload.py --dry-run, merged and adapter-only) runs under a folder
+whose path holds a unique marker, and no byte of any file the upload would send, nor of any file the
+run folder's adapters carry (RUN/adapter_best, RUN/adapter_last), contains it."""
 
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ def test_published_files_hold_no_local_path(repo_root, tiny_exaone_dir, tmp_path
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=home)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert MARKER in (run / "run_info.json").read_text(encoding="utf-8")  # the local records do hold it
+    # The run's adapters are shared as they are (copied, uploaded by hand): every file of them is path-free.
+    for name in ("adapter_best", "adapter_last"):
+        files = sorted(p for p in (run / name).rglob("*") if p.is_file())
+        assert {"adapter_config.json", "adapter_model.safetensors", "hai_medqa_training.json", "README.md"} <= {
+            p.name for p in files}
+        assert [p.name for p in files if MARKER.encode() in p.read_bytes()] == [], name
 
     # An evaluation of this run's adapter as evaluate.py records it (local paths included).
     evals = {"model": "finetune", "evaluated_model": eval_model_identity(str(model), run),
