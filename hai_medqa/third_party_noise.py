@@ -9,6 +9,11 @@ matches one exact message; everything else still shows. What remains: docs/train
   run compiled code from the Hub; bitsandbytes' own CPU path computes the same), so the line only
   tells users to install something they do not need. Only that case is hidden: a ``kernels`` that
   is installed and fails still reports.
+- Liger (profiles lean/fast on a GPU) tries, besides its Triton kernels, optional backends for
+  other hardware (``_cutedsl``: NVIDIA's CuTe DSL; ``_ascend``: Huawei NPUs) and logs "Backend impl
+  ... could not be imported ... Install it with `pip install nvidia-cutlass-dsl`" when their extra
+  packages are absent. Its Triton kernels, which the project uses, are unaffected; only those two
+  optional backends' import failures are hidden.
 - transformers 5 deprecates ``PreTrainedModel.is_gradient_checkpointing``; PEFT's
   ``get_peft_model`` (called by the project when it adds LoRA) still reads it, so every run printed
   a FutureWarning about a call neither the user nor the project makes.
@@ -21,6 +26,8 @@ import warnings
 
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 BNB_KERNELS_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+LIGER_REGISTRY_LOGGER = "liger_kernel.backends.registry"
+LIGER_OPTIONAL_BACKENDS = ("liger_kernel.ops.backends._cutedsl.", "liger_kernel.ops.backends._ascend.")
 GRADIENT_CHECKPOINTING_WARNING = r"`is_gradient_checkpointing` is deprecated"
 
 
@@ -35,6 +42,16 @@ class _MissingKernelsPackage(logging.Filter):
         return not missing
 
 
+class _LigerOptionalBackend(logging.Filter):
+    """Drop Liger's "could not be imported" line for its optional non-Triton backends only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Backend impl '%s' for op '%s' could not be imported"):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (args and isinstance(args[0], str) and args[0].startswith(LIGER_OPTIONAL_BACKENDS))
+
+
 _installed = False
 
 
@@ -44,6 +61,7 @@ def install() -> None:
     if _installed:
         return
     logging.getLogger(BNB_CPU_LOGGER).addFilter(_MissingKernelsPackage())
+    logging.getLogger(LIGER_REGISTRY_LOGGER).addFilter(_LigerOptionalBackend())
     warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING_WARNING, category=FutureWarning,
                             module=r"transformers\.modeling_utils")
     _installed = True

@@ -29,6 +29,19 @@ def test_kernels_line_hidden_only_when_the_package_is_missing():
     assert f.filter(other) is True
 
 
+def test_liger_optional_backend_lines_hidden_others_kept():
+    f = third_party_noise._LigerOptionalBackend()
+
+    def rec(path):
+        return logging.LogRecord(third_party_noise.LIGER_REGISTRY_LOGGER, logging.WARNING, __file__, 1,
+                                 "Backend impl '%s' for op '%s' could not be imported: %s: %s",
+                                 (path, "rope", "ImportError", "Install it with `pip install nvidia-cutlass-dsl`"), None)
+
+    assert f.filter(rec("liger_kernel.ops.backends._cutedsl.rope")) is False
+    assert f.filter(rec("liger_kernel.ops.backends._ascend.rope")) is False
+    assert f.filter(rec("liger_kernel.ops.rope")) is True  # the Triton kernel the project uses: shown
+
+
 def test_s_f2_console_asks_to_install_nothing(repo_root, tiny_exaone_dir, sample_jsonl, tmp_path):
     proc = subprocess.run(
         [sys.executable, "S_F2.py", "--config", "configs/tiny_cpu.yaml", "--model", str(tiny_exaone_dir),
