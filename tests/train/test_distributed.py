@@ -5,6 +5,10 @@ batch (same micro-batches per optimizer step: 2 processes x accumulation 1 = 1 p
 take the same steps and end with the same adapter, LoRA dropout included; only rank 0 writes; a
 checkpoint resumes on the other process count and still reaches the same adapter. The data is cut so
 an epoch has an odd number of micro-batches: the last step of each epoch leaves rank 1 without one.
+The same with four processes (4 x 1 = 1 x 4; the last ranks join the short last step with zero weight), and a
+4-process checkpoint resumed through the multi-node recipe: configs/accelerate/ddp_multinode.yaml started
+twice on this host (--machine_rank 0 and 1), one process each. Eight processes are covered without
+launching them, by tests/train/test_process_counts.py.
 
 Also (no second process needed): the FSDP-QLoRA config through accelerate's own launcher code, the
 settings FSDP forces, and the bf16 storage of the 4-bit weights that lets FSDP shard them.
@@ -25,15 +29,15 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-STEPS = 8  # 2 epochs x 4 steps: 7 micro-batches per epoch, 2 per step
+SAVE_STEPS, SAVE_TOTAL_LIMIT = 3, 5
 TIMEOUT = 240
 
 
 def _overrides(tiny_exaone_dir, sample_jsonl, out: Path, cache: Path, **extra) -> list[str]:
     keys = {"model": tiny_exaone_dir, "train_file": sample_jsonl["train"], "val_file": sample_jsonl["validation"],
-            "output_dir": out, "cache_dir": cache, "max_train_samples": 28, "max_eval_samples": 12,
+            "output_dir": out, "cache_dir": cache, "max_eval_samples": 12,
             "tokens_per_micro_batch": 1024, "max_steps": "null", "num_epochs": 2, "eval_steps": 100,
-            "save_steps": 3, "save_total_limit": 5, "tensorboard": "false", "lora_dropout": 0.05,
+            "save_steps": SAVE_STEPS, "save_total_limit": SAVE_TOTAL_LIMIT, "tensorboard": "false", "lora_dropout": 0.05,
             "optimizer": "adamw_torch", "cpu_threads": 1, **extra}
     return [f"--{k}={v}" for k, v in keys.items()]
 
@@ -60,10 +64,10 @@ def adapter(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-def assert_same_training(a: Path, b: Path) -> None:
+def assert_same_training(a: Path, b: Path, *, steps: int) -> None:
     """Same steps, data order and schedule, the same losses and the same final adapter."""
     (train_a, val_a), (train_b, val_b) = metrics(a), metrics(b)
-    assert [r["step"] for r in train_a] == [r["step"] for r in train_b] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in train_a] == [r["step"] for r in train_b] == list(range(1, steps + 1))
     assert [r["batch_digest"] for r in train_a] == [r["batch_digest"] for r in train_b]
     assert [r["lr"] for r in train_a] == pytest.approx([r["lr"] for r in train_b], rel=1e-9, abs=1e-12)
     assert [r["tokens"] for r in train_a] == [r["tokens"] for r in train_b]
@@ -78,37 +82,77 @@ def assert_same_training(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_exaone_dir, sample_jsonl, tmp_path_factory):
+def odd_epoch(tiny_exaone_dir, sample_jsonl, tmp_path_factory) -> tuple[int, int]:
+    """(max_train_samples, micro-batches per epoch): the fewest samples (>= 12) whose two epochs both pack
+    into the same odd number (>= 7) of 1,024-token micro-batches, found with the trainer's own
+    tokenisation and plan (as Trainer._load_data and epoch_steps call them), so the tests keep a short
+    last step whatever the bundled sample's records become."""
+    from hai_medqa import chat_format
+    from hai_medqa.config import load_config
+    from hai_medqa.model.acquire import resolve_model
+    from hai_medqa.model.load import load_tokenizer
+    from hai_medqa.train.config import TrainConfig
+    from hai_medqa.train.packing import plan_epoch
+    from hai_medqa.train.sft_data import load_tokenized
+
+    keys = dict(a[2:].split("=", 1) for a in _overrides(tiny_exaone_dir, sample_jsonl, Path("unused"), Path("unused")))
+    cfg, _ = load_config(TrainConfig, REPO / "configs" / "tiny_cpu.yaml", keys)
+    model_path = Path(resolve_model(cfg.model))
+    tokenizer = load_tokenizer(model_path)
+    chat_ids = chat_format.apply_tokenizer_rule(tokenizer, source=str(model_path), repair_template=True)
+    cache = tmp_path_factory.mktemp("odd_epoch_cache")
+    for n in range(12, 41):
+        ds = load_tokenized(cfg.train_file, tokenizer, max_samples=n, what="train_file", max_length=cfg.max_length,
+                            overlong=cfg.overlong, system_prompt=cfg.system_prompt, cache_dir=cache,
+                            eot_id=chat_ids.eot_id, train_turns=cfg.train_turns)
+        counts = {len(plan_epoch(ds.lengths, seed=cfg.seed, epoch=e, batching=cfg.batching,
+                                 tokens_per_micro_batch=cfg.tokens_per_micro_batch)) for e in (0, 1)}
+        if len(counts) == 1 and (c := counts.pop()) % 2 == 1 and c >= 7:
+            return n, c
+    pytest.fail("no max_train_samples in 12..40 gives an odd number (>= 7) of micro-batches in both epochs")
+
+
+def saved_checkpoints(total_steps: int) -> list[str]:
+    """The checkpoints a completed run keeps: every SAVE_STEPS, the final step, the newest SAVE_TOTAL_LIMIT."""
+    steps = [*range(SAVE_STEPS, total_steps, SAVE_STEPS), total_steps]
+    return [f"step_{s:07d}" for s in steps[-SAVE_TOTAL_LIMIT:]]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_exaone_dir, sample_jsonl, odd_epoch, tmp_path_factory):
     """The same recipe on 2 processes (accumulation 1) and on 1 process (accumulation 2)."""
     root = tmp_path_factory.mktemp("distributed")
     cache = root / "tok_cache"
+    n_samples, n_mb = odd_epoch
 
     def args(out, **extra):
-        return _overrides(tiny_exaone_dir, sample_jsonl, out, cache, **extra)
+        return _overrides(tiny_exaone_dir, sample_jsonl, out, cache, max_train_samples=n_samples, **extra)
 
     two, one = root / "two", root / "one"
     launch(2, args(two, gradient_accumulation_steps=1))
     launch(1, args(one, gradient_accumulation_steps=2))
-    return {"two": two, "one": one, "args": args, "root": root}
+    assert micro_batches_per_epoch(two) == micro_batches_per_epoch(one) == n_mb
+    steps = 2 * -(-n_mb // 2)
+    return {"two": two, "one": one, "args": args, "root": root, "micro_batches": n_mb, "steps": steps}
 
 
 def test_two_processes_train_exactly_like_one_with_the_same_global_batch(runs):
-    two = runs["two"]
+    two, n_mb = runs["two"], runs["micro_batches"]
     info = json.loads((two / "run_info.json").read_text(encoding="utf-8"))
     assert info["device"]["world_size"] == 2  # really two processes
-    assert info["schedule"]["steps_per_epoch"] == [4, 4]  # the odd micro-batch is trained, not dropped
-    assert_same_training(two, runs["one"])
+    assert info["schedule"]["steps_per_epoch"] == [-(-n_mb // 2)] * 2  # the odd micro-batch is trained, not dropped
+    assert_same_training(two, runs["one"], steps=runs["steps"])
 
 
 def test_only_rank_0_writes(runs):
-    two = runs["two"]
+    two, total = runs["two"], runs["steps"]
     train, val = metrics(two)
-    assert len(train) == STEPS and len(val) == 1  # one line per step, not one per process
+    assert len(train) == total and len(val) == 1  # one line per step, not one per process
     log = (two / "train.log").read_text(encoding="utf-8")
-    assert log.count("training completed at step 8") == 1
-    assert log.count("checkpoint saved:") == 3  # steps 3, 6 and the final 8
+    assert log.count(f"training completed at step {total}") == 1
+    assert log.count("checkpoint saved:") == len(range(SAVE_STEPS, total, SAVE_STEPS)) + 1  # and the final one
     ckpt_root = two / "checkpoints"
-    assert sorted(p.name for p in ckpt_root.iterdir()) == ["step_0000003", "step_0000006", "step_0000008"]
+    assert sorted(p.name for p in ckpt_root.iterdir()) == saved_checkpoints(total)
     for ckpt in ckpt_root.iterdir():  # one adapter and optimizer, every rank's RNG state
         assert sorted(p.name for p in ckpt.glob("*.pt")) == ["optimizer.pt", "rng_state_0.pt", "rng_state_1.pt",
                                                               "scheduler.pt"]
@@ -137,8 +181,8 @@ def test_resume_on_another_process_count_reaches_the_same_adapter(runs):
     assert "was written by 2 process(es), continuing on 1" in proc.stderr
     to_two = _copy_at_step(runs["one"], root / "one_then_two", 3)
     launch(2, args(to_two, gradient_accumulation_steps=1, resume="true"))
-    assert_same_training(to_one, runs["two"])
-    assert_same_training(to_two, runs["one"])
+    assert_same_training(to_one, runs["two"], steps=runs["steps"])
+    assert_same_training(to_two, runs["one"], steps=runs["steps"])
 
 
 def test_resume_refuses_another_global_batch(runs):
@@ -154,6 +198,124 @@ def test_resume_refuses_another_global_batch(runs):
     with pytest.raises(TrainingError, match=r"step_0000003 took 2 micro-batches per optimizer step .*this run 1 .*"
                                             r"set --gradient-accumulation-steps 2"):
         run_training(cfg, explicit)
+
+
+# ------------------------------------------------------------------ four processes, and two machines
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_machines(args: list[str], *, processes_per_machine: int) -> list[subprocess.CompletedProcess]:
+    """The multi-node recipe, both "machines" on this host: configs/accelerate/ddp_multinode.yaml
+    started twice, --machine_rank 0 and 1, meeting at 127.0.0.1."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    procs = []
+    for machine_rank in (0, 1):
+        cmd = [str(ACCELERATE), "launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "ddp_multinode.yaml"),
+               "--num_processes", str(2 * processes_per_machine), "--machine_rank", str(machine_rank),
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               str(REPO / "S_F2.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *args]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=TIMEOUT)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc in done:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return done
+
+
+def micro_batches_per_epoch(run: Path) -> int:
+    """From the run's own log line "... -> N micro-batches/epoch"."""
+    import re
+
+    found = re.search(r"-> (\d+) micro-batches/epoch", (run / "train.log").read_text(encoding="utf-8"))
+    assert found, f"no plan line in {run / 'train.log'}"
+    return int(found.group(1))
+
+
+@pytest.fixture(scope="module")
+def runs4(tiny_exaone_dir, sample_jsonl, odd_epoch, tmp_path_factory):
+    """The same recipe on 4 processes (accumulation 1) and on 1 process (accumulation 4)."""
+    root = tmp_path_factory.mktemp("distributed4")
+    cache = root / "tok_cache"
+
+    def args(out, **extra):
+        return _overrides(tiny_exaone_dir, sample_jsonl, out, cache, max_train_samples=odd_epoch[0], **extra)
+
+    four, one = root / "four", root / "one"
+    launch(4, args(four, gradient_accumulation_steps=1))
+    launch(1, args(one, gradient_accumulation_steps=4))
+    n_mb = micro_batches_per_epoch(four)
+    assert n_mb == micro_batches_per_epoch(one) == odd_epoch[1]
+    steps = 2 * -(-n_mb // 4)
+    return {"four": four, "one": one, "args": args, "root": root, "micro_batches": n_mb, "steps": steps}
+
+
+@pytest.mark.slow
+def test_four_processes_train_exactly_like_one_with_the_same_global_batch(runs4):
+    """4 x 1 == 1 x 4, LoRA dropout on; each epoch's last step is short, so the last ranks join it with
+    zero weight."""
+    four, n_mb = runs4["four"], runs4["micro_batches"]
+    assert n_mb % 4 != 0, f"{n_mb} micro-batches per epoch: no short last step to test; change max_train_samples"
+    info = json.loads((four / "run_info.json").read_text(encoding="utf-8"))
+    assert info["device"]["world_size"] == 4
+    assert info["schedule"]["steps_per_epoch"] == [-(-n_mb // 4)] * 2  # the short last step is trained
+    assert_same_training(four, runs4["one"], steps=runs4["steps"])
+    for ckpt in (four / "checkpoints").iterdir():
+        assert sorted(p.name for p in ckpt.glob("rng_state_*.pt")) == [f"rng_state_{r}.pt" for r in range(4)]
+
+
+@pytest.mark.slow
+def test_a_four_process_checkpoint_resumes_on_two_machines_of_one_process(runs4):
+    """Written by 4 processes x 1 at step 3, continued through the multi-node recipe (ddp_multinode.yaml,
+    2 "machines" on this host, 1 process each, accumulation 2): the same adapter as the uninterrupted
+    4-process run."""
+    assert runs4["steps"] > 3
+    to_two = _copy_at_step(runs4["four"], runs4["root"] / "four_then_two_machines", 3)
+    main, other = launch_two_machines(runs4["args"](to_two, gradient_accumulation_steps=2, resume="true"),
+                                      processes_per_machine=1)
+    assert "was written by 4 process(es), continuing on 2" in main.stderr
+    info = json.loads((to_two / "run_info.json").read_text(encoding="utf-8"))
+    assert info["device"]["world_size"] == 2
+    assert_same_training(to_two, runs4["four"], steps=runs4["steps"])
+
+
+def test_the_multinode_config_starts_its_share_on_each_machine():
+    """ddp_multinode.yaml (and fsdp_qlora.yaml with the same flags) through accelerate's own launcher
+    code: num_processes is the total over machines, each machine starts its share under torchrun's
+    static rendezvous at the main machine's address."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    def torchrun_args(config: str, *flags: str):
+        args = launch_command_parser().parse_args(["--config_file", str(REPO / "configs" / "accelerate" / config),
+                                                   *flags, "S_F2.py"])
+        args, _, _ = _validate_launch_command(args)
+        env = prepare_multi_gpu_env(args)
+        return args, env
+
+    args, _ = torchrun_args("ddp_multinode.yaml", "--machine_rank", "1", "--main_process_ip", "10.1.2.3")
+    assert args.multi_gpu and not args.use_fsdp
+    assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 1)
+    assert (args.rdzv_endpoint, args.rdzv_backend) == ("10.1.2.3:29500", "static")
+    args, env = torchrun_args("fsdp_qlora.yaml", "--num_machines", "2", "--num_processes", "16", "--machine_rank",
+                              "1", "--main_process_ip", "10.1.2.3", "--main_process_port", "29500")
+    assert args.use_fsdp and env["FSDP_VERSION"] == "1"
+    assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 1)
+    assert args.rdzv_endpoint == "10.1.2.3:29500"
 
 
 # ------------------------------------------------------------------ FSDP-QLoRA (what a CPU can check)
