@@ -153,7 +153,8 @@ def reference(inputs) -> dict:
 def _start(inputs: dict, output: Path, point: str, announce: Path) -> subprocess.Popen:
     env = {**os.environ, FAULT_POINT_ENV: point, FAULT_FILE_ENV: str(announce)}
     return subprocess.Popen([sys.executable, "merge_and_upload.py", *_argv(inputs, output, "--overwrite")],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)  # Ctrl-C as at a terminal, even from a background runner
 
 
 @pytest.mark.parametrize(("point", "sig"), FAULTS)
@@ -218,3 +219,8 @@ def test_write_counts():
     target = os.environ.get("HAI_MEDQA_FAULT_COUNTS")
     if target and COUNTS["faults_injected"]:
         Path(target).write_text(json.dumps(COUNTS, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT as at a terminal (a runner started in the background ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -90,7 +90,8 @@ def test_a_single_ctrl_c_during_start_up_says_start_up_was_stopped(tiny_exaone_d
     env = {**os.environ, FAULT_POINT_ENV: "train:before_model", FAULT_FILE_ENV: str(announce)}
     proc = subprocess.Popen([sys.executable, "S_F2.py", *_argv(tiny_exaone_dir, sample_jsonl["train"],
                                                                tmp_path / "run")],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)  # Ctrl-C as at a terminal, even from a background runner
     try:
         deadline = time.monotonic() + 120
         while not announce.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -107,3 +108,8 @@ def test_a_single_ctrl_c_during_start_up_says_start_up_was_stopped(tiny_exaone_d
                     "(no checkpoint was written)")
     assert "second Ctrl-C" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT as at a terminal (a runner started in the background ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
