@@ -48,7 +48,7 @@ FAULTS = [("early", "SIGINT"), ("early", "SIGKILL"), ("middle", "SIGTERM"), ("mi
 PARTIAL = re.compile(r"\.(step_\d+|adapter_last|adapter_best|[\w.-]+)\.partial-\d+-[a-z0-9_]+\.tmp(\.old)?|\.rng_\d+")
 COUNTS: dict = {"faults_injected": 0, "by_signal": {}, "by_point": {}, "pre_existing_files_checked": 0,
                 "files_lost": 0, "partial_files_a_later_run_could_take_for_complete": 0,
-                "recognisable_partials_left_by_sigkill": 0, "resumed_runs": 0, "fresh_restarts": 0,
+                "recognisable_partials_left_by_sigkill": 0, "partials_removed_by_the_next_run": 0, "resumed_runs": 0, "fresh_restarts": 0,
                 "next_runs_differing_from_an_uninterrupted_run": 0}
 
 
@@ -102,7 +102,8 @@ def test_killed_training_keeps_files_and_resumes_to_the_same_adapter(point, sig,
     if POINTS[point]:
         env[FAULT_POINT_ENV] = POINTS[point]
     proc = subprocess.Popen([sys.executable, "S_F2.py", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)  # Ctrl-C as at a terminal, even from a background runner
     try:
         _wait(proc, announce.exists if POINTS[point] else _reached_step(out, 4))
         # what exists when the signal is sent must survive it byte for byte
@@ -153,6 +154,9 @@ def test_killed_training_keeps_files_and_resumes_to_the_same_adapter(point, sig,
         assert f"no checkpoint to resume in {out / 'checkpoints'}" in capfd.readouterr().err
         COUNTS["fresh_restarts"] += 1
         assert run_cli(S_F2.main, argv) == 0
+    remaining = [p.name for p in [*ckpt_root.iterdir(), *out.iterdir()] if PARTIAL.fullmatch(p.name)]
+    assert remaining == []  # the next run removed every leftover
+    COUNTS["partials_removed_by_the_next_run"] += len(leftovers)
     differs = sha256_file(out / "adapter_last" / WEIGHTS) != reference["weights"]
     COUNTS["next_runs_differing_from_an_uninterrupted_run"] += int(differs)
     assert not differs
@@ -165,3 +169,8 @@ def test_write_counts():
     target = os.environ.get("HAI_MEDQA_FAULT_COUNTS")
     if target and COUNTS["faults_injected"]:
         Path(target).write_text(json.dumps(COUNTS, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT as at a terminal (a runner started in the background ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
