@@ -277,6 +277,11 @@ _WRAPPER_SEGMENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_modu
 (an FSDP state dict has none of them)."""
 
 
+_FSDP_FLATTENED = "_fsdp_flattened"
+"""The flag FSDP1 sets on an original parameter whose data lives in a flat parameter (torch's
+``_common_utils.FSDP_FLATTENED``)."""
+
+
 def _clean_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
@@ -285,8 +290,6 @@ def trained_tensors(peft_model: Any) -> dict[str, tuple[int, ...] | None]:
     """{name in the (unwrapped) model's state dict: whole shape} of every tensor `peft_model` trains,
     sorted, whether or not FSDP has wrapped and sharded its layers (an FSDP1 flat parameter stands
     for the original tensors it holds). Shape None where only a shard is visible."""
-    from torch.distributed.fsdp._common_utils import FSDP_FLATTENED
-
     out: dict[str, tuple[int, ...] | None] = {}
     for name, param in peft_model.named_parameters():
         if not param.requires_grad:
@@ -297,7 +300,7 @@ def trained_tensors(peft_model: Any) -> dict[str, tuple[int, ...] | None]:
             for fqn, shape in zip(fqns, param._shapes, strict=True):
                 out[_clean_name(prefix + fqn)] = tuple(shape)
         else:  # plain, or a sharded view of FSDP1 with use_orig_params=True (shape unknown)
-            out[_clean_name(name)] = None if getattr(param, FSDP_FLATTENED, False) else tuple(param.shape)
+            out[_clean_name(name)] = None if getattr(param, _FSDP_FLATTENED, False) else tuple(param.shape)
     return dict(sorted(out.items()))
 
 

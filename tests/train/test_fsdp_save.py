@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 TIMEOUT = 420
 STEPS = 4
+pytestmark = pytest.mark.slow  # ~2 minutes on the 2-core machine
 
 
 def _overrides(model, data, out: Path, cache: Path, **extra) -> list[str]:
