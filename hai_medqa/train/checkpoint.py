@@ -59,7 +59,8 @@ RNG_FILE = "rng_state_{rank}.pt"
 
 RESUME_MAY_CHANGE = {"resume", "cache_dir", "logging_steps", "save_steps", "save_total_limit", "tensorboard",
                      "eval_steps", "early_stopping_patience", "early_stopping_min_delta", "output_dir",
-                     "max_eval_samples", "train_file", "val_file", "model"}
+                     "max_eval_samples", "train_file", "val_file", "model", "report_to", "sample_questions",
+                     "sample_max_new_tokens"}
 """Keys that may differ between a checkpointed run and its resumption without changing the result."""
 
 
