@@ -45,9 +45,11 @@ def cfg_for(repo_root, tmp_path, **overrides):
     (lambda d: {"train_file": str(d / "missing.jsonl")}, r"train_file not found: .*missing\.jsonl"),
     (lambda d: {"train_file": str(write_jsonl(d / "empty.jsonl", []))}, r"train_file is empty: .*empty\.jsonl"),
     (lambda d: {"train_file": str(write_jsonl(d / "q.jsonl", [{"question": "q", "answer": "a"}] * 2))},
-     r"train_file has no usable records: .*q\.jsonl \(all 2 unusable; first: .*q\.jsonl:1: record lacks 'instruction' and 'output'"),
+     # issue 14's one reader names the file, the line and what was expected
+     r"train_file has no usable records: .*q\.jsonl \(all 2 unusable; first: .*q\.jsonl:1: .*"
+     r"expected \{\"instruction\", \"output\"\} \(project\)"),
     (lambda d: {"val_file": str(write_jsonl(d / "val.jsonl", [{"instruction": "q", "output": ""}]))},
-     r"val_file has no usable records: .*val\.jsonl .*'output' must be a non-empty string"),
+     r"val_file has no usable records: .*val\.jsonl .*val\.jsonl:1: project record: 'output' is empty"),
 ])
 def test_bad_data_fails_before_any_model(repo_root, tmp_path, no_model, setup, message):
     with pytest.raises(TrainingDataError, match=message) as e:
