@@ -149,8 +149,8 @@ def _main(argv: list[str] | None) -> int:
         _log_error(None, e)
         raise
     except KeyboardInterrupt as e:
-        e.add_note(f"{args.output} appears only when complete: no partial folder was left, an existing one is "
-                   "unchanged")
+        e.add_note(f"{args.output} appears only when complete: no partial folder was left, and an existing one "
+                   "is replaced only by a finished merge")
         raise
     return 0
 
