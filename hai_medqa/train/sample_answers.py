@@ -65,7 +65,7 @@ def answer_questions(model: Any, tokenizer: Any, token_ids: Any, questions: list
                      max_new_tokens: int) -> list[str]:
     """Greedy answers of `model` (a PEFT model, put in eval mode for the call and restored) to
     `questions`, through chat.py's own generation path (one prompt per call: no padding)."""
-    from hai_medqa.inference.generation import GenerationSettings, LoadedModel, generate
+    from hai_medqa.model.generate import GenerationSettings, LoadedModel, generate
 
     if not questions:
         return []
