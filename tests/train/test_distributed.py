@@ -7,8 +7,9 @@ checkpoint resumes on the other process count and still reaches the same adapter
 an epoch has an odd number of micro-batches: the last step of each epoch leaves rank 1 without one.
 The same with four processes (4 x 1 = 1 x 4; the last ranks join the short last step with zero weight), and a
 4-process checkpoint resumed through the multi-node recipe: configs/accelerate/ddp_multinode.yaml started
-twice on this host (--machine_rank 0 and 1), one process each. Eight processes are covered without
-launching them, by tests/train/test_process_counts.py.
+twice on this host (--machine_rank 0 and 1), one process each. Eight processes (8 x 1 = 1 x 8, without
+validation: see the xfail in tests/train/test_process_counts.py, which also covers 1/2/4/8 processes without
+launching them).
 
 Also (no second process needed): the FSDP-QLoRA config through accelerate's own launcher code, the
 settings FSDP forces, and the bf16 storage of the 4-bit weights that lets FSDP shard them.
@@ -291,6 +292,23 @@ def test_a_four_process_checkpoint_resumes_on_two_machines_of_one_process(runs4)
     info = json.loads((to_two / "run_info.json").read_text(encoding="utf-8"))
     assert info["device"]["world_size"] == 2
     assert_same_training(to_two, runs4["four"], steps=runs4["steps"])
+
+
+@pytest.mark.slow
+def test_eight_processes_train_exactly_like_one_with_the_same_global_batch(runs4):
+    """8 x 1 == 1 x 8: one step per epoch holding every micro-batch (an odd number), so rank 7 joins each
+    with zero weight. No validation file: with fewer validation micro-batches than processes the
+    evaluation hangs (the xfail in tests/train/test_process_counts.py). No warm-up, so both steps update."""
+    root, n_mb = runs4["root"], runs4["micro_batches"]
+    assert n_mb < 8
+    eight, one = root / "eight", root / "one_x8"
+    launch(8, runs4["args"](eight, gradient_accumulation_steps=1, val_file="null", warmup_ratio=0))
+    launch(1, runs4["args"](one, gradient_accumulation_steps=8, val_file="null", warmup_ratio=0))
+    info = json.loads((eight / "run_info.json").read_text(encoding="utf-8"))
+    assert info["device"]["world_size"] == 8 and info["schedule"]["steps_per_epoch"] == [1, 1]
+    train, _ = metrics(eight)
+    assert train[0]["loss"] != train[1]["loss"]  # the first step changed the adapter
+    assert_same_training(eight, one, steps=2)
 
 
 def test_the_multinode_config_starts_its_share_on_each_machine():
