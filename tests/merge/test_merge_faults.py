@@ -18,7 +18,6 @@ JSON (docs/fault_injection.md cites tests/merge/merge_fault_counts.json).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fault_support import default_sigint, report_counts
 
 import merge_and_upload
 from hai_medqa.io_utils import FAULT_FILE_ENV, FAULT_POINT_ENV, sha256_file
@@ -154,7 +154,7 @@ def _start(inputs: dict, output: Path, point: str, announce: Path) -> subprocess
     env = {**os.environ, FAULT_POINT_ENV: point, FAULT_FILE_ENV: str(announce)}
     return subprocess.Popen([sys.executable, "merge_and_upload.py", *_argv(inputs, output, "--overwrite")],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_sigint)  # Ctrl-C as at a terminal, even from a background runner
+                            preexec_fn=default_sigint)  # Ctrl-C as at a terminal, even from a background runner
 
 
 @pytest.mark.parametrize(("point", "sig"), FAULTS)
@@ -215,12 +215,4 @@ def test_killed_merge_keeps_the_previous_output_and_the_next_run_matches(point, 
 
 def test_write_counts():
     """Runs last in this module: the counts, printed and (with $HAI_MEDQA_FAULT_COUNTS) written."""
-    print(json.dumps(COUNTS, indent=2, sort_keys=True))
-    target = os.environ.get("HAI_MEDQA_FAULT_COUNTS")
-    if target and COUNTS["faults_injected"]:
-        Path(target).write_text(json.dumps(COUNTS, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _default_sigint() -> None:
-    """In the child: SIGINT as at a terminal (a runner started in the background ignores it)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    report_counts(COUNTS)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fault_support import default_sigint, report_counts
 
 import S_F2
 from hai_medqa.cli import run_cli
@@ -103,7 +104,7 @@ def test_killed_training_keeps_files_and_resumes_to_the_same_adapter(point, sig,
         env[FAULT_POINT_ENV] = POINTS[point]
     proc = subprocess.Popen([sys.executable, "S_F2.py", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_sigint)  # Ctrl-C as at a terminal, even from a background runner
+                            preexec_fn=default_sigint)  # Ctrl-C as at a terminal, even from a background runner
     try:
         _wait(proc, announce.exists if POINTS[point] else _reached_step(out, 4))
         # what exists when the signal is sent must survive it byte for byte
@@ -165,12 +166,4 @@ def test_killed_training_keeps_files_and_resumes_to_the_same_adapter(point, sig,
 
 def test_write_counts():
     """Runs last in this module: the counts, printed and (with $HAI_MEDQA_FAULT_COUNTS) written."""
-    print(json.dumps(COUNTS, indent=2, sort_keys=True))
-    target = os.environ.get("HAI_MEDQA_FAULT_COUNTS")
-    if target and COUNTS["faults_injected"]:
-        Path(target).write_text(json.dumps(COUNTS, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _default_sigint() -> None:
-    """In the child: SIGINT as at a terminal (a runner started in the background ignores it)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    report_counts(COUNTS)
