@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from hai_medqa.run_folder import (
     MODEL_CARD,
     RESOLVED_CONFIG,
     RUN_INFO,
+    SAMPLES,
     SUMMARY,
     TrainingRecord,
     write_training_record,
@@ -140,6 +142,51 @@ def training_settings(*, adapter_config: dict | None = None, config: dict | None
     return rows
 
 
+SAMPLE_CELL_CHARS = 300
+"""A sample answer or question longer than this is cut (with an ellipsis) in the card's table."""
+
+
+def last_sample_answers(run_dir: Path | None) -> tuple[int | None, list[dict[str, Any]]]:
+    """The last evaluation's sample answers in the run folder's samples.jsonl: (step, rows), or
+    (None, []) when there are none (sample_questions 0, or no evaluation yet). A torn last line
+    (an interrupted write) is skipped."""
+    path = run_dir / SAMPLES if run_dir is not None else None
+    if path is None or not path.is_file():
+        return None, []
+    rows = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                if isinstance(row, dict) and isinstance(row.get("step"), int):
+                    rows.append(row)
+    if not rows:
+        return None, []
+    step = max(r["step"] for r in rows)
+    return step, [r for r in rows if r["step"] == step]
+
+
+def _cell(value: Any) -> str:
+    text = " ".join(str(value if value is not None else "").split())  # one table row: no line breaks
+    if len(text) > SAMPLE_CELL_CHARS:
+        text = text[:SAMPLE_CELL_CHARS - 1] + "\u2026"
+    return text.replace("|", "\\|")
+
+
+def sample_answers_section(run_dir: Path | None) -> str:
+    """The card's sample answers: the last evaluation's questions, greedy answers and references as
+    a table ("" when the run logged none)."""
+    step, rows = last_sample_answers(run_dir)
+    if not rows:
+        return ""
+    lines = [f"### Sample answers at step {step}\n",
+             "Greedy answers to fixed validation questions at the run's last evaluation (`samples.jsonl` in the "
+             "run folder holds every evaluation's).\n",
+             "| question | answer | reference |", "|---|---|---|"]
+    lines += [f"| {_cell(r.get('question'))} | {_cell(r.get('answer'))} | {_cell(r.get('reference'))} |" for r in rows]
+    return "\n".join(lines) + "\n\n"
+
+
 # ---------------------------------------------------------------- an adapter folder others may receive
 def finish_adapter_folder(adapter_dir: str | Path, record: TrainingRecord, *, run_dir: str | Path | None = None,
                           requested_model: str | None = None,
@@ -206,6 +253,7 @@ def adapter_card(record: TrainingRecord, *, adapter_config: dict | None, run_dir
         "names for the official model.\n\n"
         "## Training data\n\n" + describe_training_data(record.data, run_data=run_info.get("data")) + "\n\n"
         "## Training settings\n\n" + table + "\n\n"
+        + sample_answers_section(run_dir) +
         "## Use and license\n\n"
         "Research only: not medical advice, diagnosis or treatment. Derived from EXAONE 3.5 under the EXAONE AI "
         "Model License Agreement 1.1 - NC (research and non-commercial use; the agreement must accompany every "

@@ -1,5 +1,6 @@
 """Sample answers at each evaluation: the table exists after a tiny run, and its last answers are the
-greedy answers chat.py gives with the saved adapter (same questions, system prompt and token cap)."""
+greedy answers chat.py gives with the saved adapter (same questions, system prompt and token cap);
+the adapter card's training section shows that last set."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ import pytest
 import torch
 
 from hai_medqa.config import load_config
+from hai_medqa.run_folder import SAMPLES
+from hai_medqa.train.adapter_folder import (
+    SAMPLE_CELL_CHARS,
+    _cell,
+    last_sample_answers,
+    sample_answers_section,
+)
 from hai_medqa.train.config import TrainConfig
 from hai_medqa.train.sample_answers import DEFAULT_ON_GPU, pick_questions, sample_count
 from hai_medqa.train.trainer import run_training
@@ -79,6 +87,16 @@ def test_samples_table_and_last_answers_equal_chat_py(repo_root, tiny_exaone_dir
     assert [c["model_answer"] for c in chat] == [r["answer"] for r in last]
     assert all(r["answer"] for r in last), last  # real text to compare, not two empty answers
 
+    # the adapter's card shows the last evaluation's questions and answers in its training section
+    card = (out / "adapter_last" / "README.md").read_text(encoding="utf-8")
+    training = card.split("## Training settings", 1)[1].split("## Use and license", 1)[0]
+    assert "### Sample answers at step 4" in training
+    for r in last:
+        for field in ("question", "answer", "reference"):
+            assert _cell(r[field]) in training, (field, r[field])
+    samples = training.split("### Sample answers at step 4", 1)[1]
+    assert "at step 2" not in card and samples.count("\n| ") == 1 + len(last)  # header + the last set's rows
+
     # shown in TensorBoard as a text table
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -88,6 +106,22 @@ def test_samples_table_and_last_answers_equal_chat_py(repo_root, tiny_exaone_dir
     assert [t.step for t in texts] == [2, 4]
     table = texts[-1].tensor_proto.string_val[0].decode()
     assert "| step | line | question | answer | reference |" in table
+
+
+def test_card_sample_answers_are_the_last_step_one_row_each(tmp_path):
+    rows = [{"step": 2, "line": 1, "question": "old q", "answer": "old a", "reference": "r"},
+            {"step": 6, "line": 1, "question": "두통이 | 심해요\n어떡하죠?", "answer": "x" * 400, "reference": "ref"},
+            {"step": 6, "line": 3, "question": "q2", "answer": "a2", "reference": None}]
+    (tmp_path / SAMPLES).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+                                    + '{"step": 8, "questi', encoding="utf-8")  # torn last line: skipped
+    assert last_sample_answers(tmp_path) == (6, rows[1:])
+    section = sample_answers_section(tmp_path)
+    assert section.startswith("### Sample answers at step 6\n")
+    table = [line for line in section.splitlines() if line.startswith("| ") and "question |" not in line]
+    assert table == ["| 두통이 \\| 심해요 어떡하죠? | " + "x" * (SAMPLE_CELL_CHARS - 1) + "\u2026 | ref |",
+                     "| q2 | a2 |  |"]
+    assert "old q" not in section
+    assert sample_answers_section(tmp_path / "none") == "" and last_sample_answers(None) == (None, [])
 
 
 @pytest.mark.parametrize("bad", ["-1"])
