@@ -255,10 +255,17 @@ class Trainer:
         total = torch.zeros((), device=rt.device, dtype=torch.float64)
         count = torch.zeros((), device=rt.device, dtype=torch.float64)
         head = eval_loss.output_head(self.peft_model)
-        for mb in tqdm(plan[rt.rank::rt.world_size], desc="eval", leave=False, disable=not rt.is_main):
-            batch = self.collate(self.val_ds, mb)
-            total += eval_loss.summed_nll(model, batch, head=head)
-            count += self.answer_tokens(self.val_ds, [mb])
+        share = plan[rt.rank::rt.world_size]
+        # Every process runs the same number of forwards: under DDP/FSDP each forward is a collective, so a
+        # process with a shorter share (fewer validation micro-batches than processes) repeats one whose
+        # result it drops, instead of leaving the others waiting.
+        rounds = -(-len(plan) // rt.world_size)
+        for k in tqdm(range(rounds), desc="eval", leave=False, disable=not rt.is_main):
+            mb = share[k] if k < len(share) else plan[0]
+            nll = eval_loss.summed_nll(model, self.collate(self.val_ds, mb), head=head)
+            if k < len(share):
+                total += nll
+                count += self.answer_tokens(self.val_ds, [mb])
         if rt.world_size > 1:
             total = rt.accelerator.reduce(total, reduction="sum")
             count = rt.accelerator.reduce(count, reduction="sum")

@@ -8,7 +8,7 @@ an epoch has an odd number of micro-batches: the last step of each epoch leaves 
 The same with four processes (4 x 1 = 1 x 4; the last ranks join the short last step with zero weight), and a
 4-process checkpoint resumed through the multi-node recipe: configs/accelerate/ddp_multinode.yaml started
 twice on this host (--machine_rank 0 and 1), one process each. Eight processes (8 x 1 = 1 x 8, without
-validation: see the xfail in tests/train/test_process_counts.py, which also covers 1/2/4/8 processes without
+validation, to keep it short; tests/train/test_process_counts.py covers validation and 1/2/4/8 processes without
 launching them).
 
 Also (no second process needed): the FSDP-QLoRA config through accelerate's own launcher code, the
@@ -297,8 +297,8 @@ def test_a_four_process_checkpoint_resumes_on_two_machines_of_one_process(runs4)
 @pytest.mark.slow
 def test_eight_processes_train_exactly_like_one_with_the_same_global_batch(runs4):
     """8 x 1 == 1 x 8: one step per epoch holding every micro-batch (an odd number), so rank 7 joins each
-    with zero weight. No validation file: with fewer validation micro-batches than processes the
-    evaluation hangs (the xfail in tests/train/test_process_counts.py). No warm-up, so both steps update."""
+    with zero weight. No validation file, to keep it short (evaluation with fewer validation micro-batches
+    than processes: tests/train/test_process_counts.py). No warm-up, so both steps update."""
     root, n_mb = runs4["root"], runs4["micro_batches"]
     assert n_mb < 8
     eight, one = root / "eight", root / "one_x8"

@@ -259,13 +259,9 @@ class EvaluatingRank:
         return {"input_ids": torch.ones(1, n, dtype=torch.long), "labels": torch.ones(1, n, dtype=torch.long)}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hai_medqa/train/trainer.py Trainer.evaluate: rank r runs plan[r::N], so with fewer validation "
-    "micro-batches than processes some ranks run no forward, and in general the counts differ by one. "
-    "DDP's first forward after a training step broadcasts buffers (a collective): a 4-process gloo run "
-    "with one validation micro-batch hung at its first evaluation (2026-11-30, killed after 150 s). "
-    "Under FSDP every forward all-gathers, so any uneven count hangs. Fix: give every rank the same "
-    "number of forwards (pad the short shares with a zero-weight micro-batch, as training's join does)."))
+# Found by this test (2026-11-30): rank r ran plan[r::N] alone, so with fewer validation micro-batches than
+# processes some ranks ran no forward; DDP's forward broadcasts buffers (a collective), and a 4-process gloo
+# run with one validation micro-batch hung at its first evaluation. Under FSDP every forward all-gathers.
 @pytest.mark.parametrize(("world_size", "n_micro_batches"), [(2, 5), (4, 1), (4, 5), (8, 5)])
 def test_every_rank_runs_the_same_number_of_validation_forwards(world_size, n_micro_batches):
     lengths = [100] * n_micro_batches  # one full 100-token micro-batch each
