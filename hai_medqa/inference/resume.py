@@ -30,7 +30,7 @@ from hai_medqa.inference.generation import (
     decode_answer,
     iter_generate_ids,
 )
-from hai_medqa.io_utils import sha256_text
+from hai_medqa.io_utils import fault_point, sha256_text
 
 PARTIAL_SUFFIX = ".partial"
 JOURNAL_VERSION = 1
@@ -78,6 +78,8 @@ class GenerationJournal:
         elif resume and require:
             raise InferenceError(f"--resume: nothing to resume, {self.path} does not exist (a finished run leaves "
                                  "none; run without --resume to start)")
+        # fault-injection tests stop start-up here: settings and journal checked, no model loaded yet
+        fault_point(f"journal_opened:{self.path.name}")
 
     # ------------------------------------------------------------ reading
     def _load(self) -> None:
@@ -197,4 +199,5 @@ def generate_journaled(
                 if on_answer is not None:
                     on_answer(i, journal.text(keys[i]))
         journal.sync()
+        fault_point(f"journal_synced:{journal.path.name}")  # fault-injection tests stop mid-run here
     return [journal.text(k) for k in keys]
