@@ -34,7 +34,7 @@ $(TRACKERS): $(STAMP) requirements-trackers.txt requirements-trackio.txt
 # HAI_TEST_FLEX_CPU=1: also prove packing exact under flex attention on the CPU (~1 min of compiling).
 # With CI=true a tracker missing from the tracker test fails it instead of skipping it.
 test: $(STAMP) $(TRACKERS)
-	HAI_TEST_FLEX_CPU=1 HAI_TRACKIO_PATH=$(abspath $(TRACKIO)) $(PY) -m pytest -q
+	HAI_TEST_FLEX_CPU=1 HAI_TRACKIO_PATH=$(abspath $(TRACKIO)) $(PY) -m pytest -q --durations=20
 
 # Cross-engine checks (issue 16): llama.cpp (built once from its sdist, ~10 min on 2 cores, then cached
 # outside the clone), transformers 4.57.6 in its own folder, mistral.rs and Go read what the project publishes.
