@@ -57,7 +57,9 @@ COUNTS: dict = {"faults_injected": 0, "files_lost": 0, "chat_batch": _stage_coun
 
 
 def _snapshot(*roots: Path) -> dict[str, str]:
-    return {str(p): sha256_file(p) for root in roots for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    """sha256 of every file under `roots` (a root that is a file: that file)."""
+    paths = [p for root in map(Path, roots) for p in ([root] if root.is_file() else sorted(root.rglob("*")))]
+    return {str(p): sha256_file(p) for p in paths if p.is_file()}
 
 
 def _files(folder: Path) -> list[str]:
@@ -158,7 +160,8 @@ def _questions(path: Path) -> Path:
 
 def _chat_args(model: Path, run: Path, src: Path, dst: Path, *extra: str) -> list[str]:
     return ["--model", str(model), "--adapter", str(run), "--dtype", "float32", "--device", "cpu",
-            "--max-new-tokens", "6", "--batch-size", "2", "--input", str(src), "--output", str(dst), *extra]
+            "--max-new-tokens", "6", "--batch-size", "2", "--no-safety",  # the safety layer's Kiwi start-up: seconds per run
+            "--input", str(src), "--output", str(dst), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +175,10 @@ def chat_reference(tmp_path_factory, tiny_exaone_dir, tiny_lora_run) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def chat_killed(tmp_path_factory, tiny_exaone_dir, tiny_lora_run) -> dict:
+def chat_killed(tmp_path_factory, tiny_exaone_dir, tiny_lora_run, chat_reference) -> dict:
     """Every fault's folder (the questions, an earlier output at the target, a user's file), its
-    snapshot before, and how its killed run ended."""
+    snapshot before, and how its killed run ended. After the reference run: the killed runs find the
+    tiny model's converted copy in the cache instead of each converting it."""
     cases = {}
     for point, sig in FAULTS:
         root = tmp_path_factory.mktemp(f"chat_{point}_{sig}")
@@ -261,7 +265,7 @@ def eval_reference(tmp_path_factory, tiny_exaone_dir, tiny_lora_run, val_jsonl) 
 
 
 @pytest.fixture(scope="module")
-def eval_killed(tmp_path_factory, tiny_exaone_dir, tiny_lora_run, val_jsonl) -> dict:
+def eval_killed(tmp_path_factory, tiny_exaone_dir, tiny_lora_run, val_jsonl, eval_reference) -> dict:
     """Every fault's output folder (an earlier evaluation's result files and a user's file), its
     snapshot before, and how its killed run ended."""
     cases = {}
