@@ -22,3 +22,21 @@ def report_counts(counts: dict) -> None:
     target = os.environ.get(COUNTS_ENV)
     if target and counts.get("faults_injected"):
         Path(target).write_text(json.dumps(counts, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def count_fault(counts: dict, signal_name: str, point: str) -> None:
+    """One injected fault in a suite's counts, by signal and by point."""
+    counts["faults_injected"] += 1
+    counts["by_signal"][signal_name] = counts["by_signal"].get(signal_name, 0) + 1
+    counts["by_point"][point] = counts["by_point"].get(point, 0) + 1
+
+
+def signal_and_wait(proc, signum: int, timeout: float) -> str:
+    """Send `signum` to a running child and collect its stderr; a child still alive afterwards is killed."""
+    try:
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=timeout)
+        return err
+    finally:
+        if proc.poll() is None:
+            proc.kill()

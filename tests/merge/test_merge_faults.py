@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fault_support import default_sigint, report_counts
+from fault_support import count_fault, default_sigint, report_counts, signal_and_wait
 
 import merge_and_upload
 from hai_medqa.io_utils import FAULT_FILE_ENV, FAULT_POINT_ENV, sha256_file
@@ -165,19 +165,14 @@ def test_killed_merge_keeps_the_previous_output_and_the_next_run_matches(point, 
     before = _snapshot(inputs["base"], inputs["run"], out)
     announce = tmp_path / "paused"
     proc = _start(inputs, out, POINTS[point], announce)
-    try:
-        deadline = time.monotonic() + 120
-        while not announce.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert announce.exists(), proc.communicate(timeout=5)
-        proc.send_signal(getattr(signal, sig))
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    COUNTS["faults_injected"] += 1
-    COUNTS["by_signal"][sig] = COUNTS["by_signal"].get(sig, 0) + 1
-    COUNTS["by_point"][point] = COUNTS["by_point"].get(point, 0) + 1
+    deadline = time.monotonic() + 120
+    while not announce.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not announce.exists():
+        proc.kill()
+        raise AssertionError(proc.communicate(timeout=5))
+    err = signal_and_wait(proc, getattr(signal, sig), timeout=60)
+    count_fault(COUNTS, sig, point)
     signum = getattr(signal, sig)
     assert proc.returncode == (-signum if sig == "SIGKILL" else 128 + signum), err
 

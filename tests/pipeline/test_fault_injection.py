@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fault_support import default_sigint, report_counts
+from fault_support import count_fault, default_sigint, report_counts, signal_and_wait
 
 import S_F2
 from hai_medqa.cli import run_cli
@@ -109,14 +109,11 @@ def test_killed_training_keeps_files_and_resumes_to_the_same_adapter(point, sig,
         _wait(proc, announce.exists if POINTS[point] else _reached_step(out, 4))
         # what exists when the signal is sent must survive it byte for byte
         before |= {k: v for k, v in _snapshot(out / "checkpoints").items() if "/step_" in k and ".partial" not in k}
-        proc.send_signal(getattr(signal, sig))
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    COUNTS["faults_injected"] += 1
-    COUNTS["by_signal"][sig] = COUNTS["by_signal"].get(sig, 0) + 1
-    COUNTS["by_point"][point] = COUNTS["by_point"].get(point, 0) + 1
+    except BaseException:
+        proc.kill()
+        raise
+    err = signal_and_wait(proc, getattr(signal, sig), timeout=120)
+    count_fault(COUNTS, sig, point)
     signum = getattr(signal, sig)
     expected_rc = {"SIGKILL": -signum}.get(sig, 128 + signum if point == "early" else 75)
     assert proc.returncode == expected_rc, err
