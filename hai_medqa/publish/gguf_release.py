@@ -203,16 +203,14 @@ __all__ = ["GGUFExportError", "build_gguf_release", "default_gguf_dir", "gguf_re
            "render_gguf_card"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     """``python -m hai_medqa.publish.gguf_release MERGED --repo-id ID --types f16,q8_0`` exports an
     existing merged folder (merge_and_upload.py --gguf does the same right after the merge)."""
     import argparse
-    import sys
 
-    from hai_medqa.errors import HaiMedQAError
     from hai_medqa.logging_setup import setup_logging
 
-    p = argparse.ArgumentParser(prog="python -m hai_medqa.publish.gguf_release", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m hai_medqa.publish.gguf_release", description=_main.__doc__)
     p.add_argument("merged", help="merged model folder (merge_and_upload.py --output)")
     p.add_argument("--repo-id", required=True, help="the merged model's repo id (files are named after it)")
     p.add_argument("--types", default="f16,q8_0", help="llama.cpp types, comma-separated (default f16,q8_0)")
@@ -220,14 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF folder (after success)")
     args = p.parse_args(argv)
     setup_logging()
-    try:
-        folder = build_gguf_release(args.merged, args.types, repo_id=args.repo_id, out_dir=args.output,
-                                    overwrite=args.overwrite)
-    except (HaiMedQAError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    folder = build_gguf_release(args.merged, args.types, repo_id=args.repo_id, out_dir=args.output,
+                                overwrite=args.overwrite)
     print(folder)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line through the one CLI wrapper (one `error: ...` line and exit 1 for a user error)."""
+    from hai_medqa.cli import run_cli
+
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":
