@@ -158,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=os.environ.get("BENCH_WORKDIR", "/tmp/hai_e2e"))
     ap.add_argument("--skip-single", action="store_true", help="skip the resume on 1 process (model too large)")
     ap.add_argument("--skip-merge", action="store_true")
+    ap.add_argument("--repeat-reference", action="store_true",
+                    help="run the uninterrupted reference twice: their difference is the run-to-run tolerance")
+    ap.add_argument("--export-merged", default=None,
+                    help="also pack the merged folder into this .tar (to chat with it on another machine)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "multi_gpu_e2e.json"))
     args = ap.parse_args(argv)
 
@@ -193,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     acc = {"gradient_accumulation_steps": args.accumulation}
     report["runs"].append(launch("reference", s_f2_command(n, args.launcher, config, {**common, **acc, "output_dir": ref}),
                                  out_dir / f"{args.launcher}_reference.log"))
+    if args.repeat_reference:
+        again = run_dir("reference_again")
+        report["runs"].append(launch("reference_again",
+                                     s_f2_command(n, args.launcher, config, {**common, **acc, "output_dir": again}),
+                                     out_dir / f"{args.launcher}_reference_again.log"))
     report["runs"].append(launch("killed", s_f2_command(n, args.launcher, config, {**common, **acc, "output_dir": killed}),
                                  out_dir / f"{args.launcher}_killed.log", kill_at=args.kill_at, run=killed))
     # Under `accelerate launch`, torchrun's agent forwards SIGTERM to the workers (which save and exit 75)
@@ -217,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
                                      out_dir / f"{args.launcher}_resumed_1.log"))
     ref_adapter = ref / run_folder.ADAPTER_LAST
     report["comparisons"] = {}
-    for name, folder in ((f"resumed_{n}", killed), ("resumed_1", single)):
+    pairs = [(f"resumed_{n}", killed), ("resumed_1", single)]
+    if args.repeat_reference:  # the same command twice: what GPU non-determinism alone gives
+        pairs.insert(0, ("reference_again", work / f"{args.launcher}_reference_again"))
+    for name, folder in pairs:
         if (folder / run_folder.ADAPTER_LAST).is_dir() and ref_adapter.is_dir():
             report["comparisons"][f"{name}_vs_reference"] = adapter_difference(folder / run_folder.ADAPTER_LAST,
                                                                                 ref_adapter)
@@ -237,7 +249,12 @@ def main(argv: list[str] | None = None) -> int:
                                               "--prompt", "두통이 자주 생기는데 어떻게 관리해야 하나요?",
                                               "--max-new-tokens", "24"], chat_log))
         report["chat_output_tail"] = chat_log.read_text(encoding="utf-8", errors="replace")[-600:]
-    expected = {"reference": 0, "killed": EXIT_INTERRUPTED if n == 1 else killed_run["exit_code"], f"resumed_{n}": 0,
+        if args.export_merged and merged.is_dir():
+            import tarfile
+
+            with tarfile.open(args.export_merged, "w") as tar:
+                tar.add(merged, arcname=merged.name)
+    expected = {"reference": 0, "reference_again": 0, "killed": EXIT_INTERRUPTED if n == 1 else killed_run["exit_code"], f"resumed_{n}": 0,
                 "resumed_1": 0, "merge": 0, "chat": 0}
     report["ok"] = all(r["exit_code"] == expected[r["name"]] for r in report["runs"]) and (
         killed_run.get("saved_step_after_signal") or 0) >= killed_run.get("sigterm_after_step", 0)
