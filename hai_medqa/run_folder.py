@@ -151,11 +151,17 @@ class TrainingRecord:
     val_loss: float | None = None
     system_prompt: str | None = None
     data: dict[str, Any] | None = None
+    base_precision: str | None = None
+    """What the frozen base was during training: "nf4" (QLoRA), "fp8" (float8 e4m3 projections,
+    hai_medqa/train/fp8_base.py) or "none" (unquantised); None in records written before it was kept
+    (those runs used NF4 unless their config says quantize_4bit: false). A merge always adds the deltas
+    to the original bf16 weights either way."""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        if out["data"] is None:  # records written before data provenance existed stay as they were
-            del out["data"]
+        for key in ("data", "base_precision"):  # records written before these existed stay as they were
+            if out[key] is None:
+                del out[key]
         return out
 
     @classmethod

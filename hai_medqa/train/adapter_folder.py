@@ -132,8 +132,9 @@ def training_settings(*, adapter_config: dict | None = None, config: dict | None
     dtype = resolved.get("compute_dtype", cfg.get("compute_dtype"))
     quant = cfg.get("quantize_4bit")
     if quant is not None or dtype is not None:
-        add("precision", ", ".join(x for x in ("base in 4-bit NF4 (QLoRA)" if quant else "base unquantised"
-                                                if quant is not None else None,
+        base = ("base in FP8 e4m3, row-wise scales" if cfg.get("base_precision") == "fp8"
+                else "base in 4-bit NF4 (QLoRA)" if quant else "base unquantised" if quant is not None else None)
+        add("precision", ", ".join(x for x in (base,
                                                 f"compute {dtype}" if dtype else None) if x))
     add("seed", cfg.get("seed"))
     best, best_step = summ.get("best_val_loss", record.val_loss if record else None), summ.get("best_step")

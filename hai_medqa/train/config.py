@@ -97,6 +97,11 @@ class TrainConfig:
     dequantize_cache: bool = False
     """Keep a compute-dtype copy of every frozen NF4 weight, dequantised once (exactly the QLoRA
     forward, no per-step dequantisation; +2 bytes per base parameter of GPU memory)."""
+    base_precision: Literal["nf4", "fp8"] = "nf4"
+    """Frozen base projections: nf4 (QLoRA, as quantize_4bit says) or fp8 (opt-in; GPUs of compute
+    capability >= 8.9 such as H100/H200): float8 e4m3 weights with per-output-channel scales made from the
+    bf16 checkpoint, forward and input-gradient matmuls in FP8 with row-wise scales (torch._scaled_mm);
+    LoRA stays bf16/fp32. Changes the numerics (hai_medqa/train/fp8_base.py; docs/training.md)."""
 
     # --- batching
     batching: Literal["packed", "padded"] = "packed"
@@ -224,6 +229,12 @@ class TrainConfig:
             )
         if not self.lora_target_modules:
             raise ConfigError("lora_target_modules is empty")
+        if self.base_precision == "fp8":
+            if self.dequantize_cache:
+                raise ConfigError("dequantize_cache applies to the NF4 base; with base_precision fp8 set it to false")
+            if self.compute_dtype not in ("auto", "bfloat16"):
+                raise ConfigError(f"base_precision fp8 computes in bfloat16 (torch._scaled_mm's row-wise output); "
+                                  f"compute_dtype {self.compute_dtype} cannot be used with it (use auto or bfloat16)")
         if self.sample_questions is not None and self.sample_questions < 0:
             raise ConfigError(f"sample_questions must be >= 0 or null (auto), got {self.sample_questions}")
         if self.sample_max_new_tokens <= 0:
@@ -256,10 +267,16 @@ _FAST_ACTIVATION_BYTES = 9.0
 _FAST_MEMORY_FRACTION = 0.85  # leave room for fragmentation, evaluation and other processes
 
 
-def estimate_fast_peak_gib(model_config: dict[str, Any], tokens_per_micro_batch: int) -> float:
-    """Peak GPU memory of the fast profile for a Llama-layout config: NF4 weights (0.5625 bytes per
-    linear parameter with double quantisation), bf16 embeddings and head, and activations kept for the
-    backward pass (no checkpointing)."""
+# Bytes per frozen projection parameter: NF4 with double quantisation, FP8 e4m3 (+ a 4-byte scale per row,
+# negligible; the transposed copy made for each backward is one layer at a time).
+BASE_BYTES_PER_PARAM = {"nf4": 0.5625, "fp8": 1.0}
+
+
+def estimate_fast_peak_gib(model_config: dict[str, Any], tokens_per_micro_batch: int, base_precision: str = "nf4",
+                           ) -> float:
+    """Peak GPU memory of the fast profile for a Llama-layout config: the frozen projections (NF4: 0.5625
+    bytes per parameter with double quantisation; FP8: 1 byte), bf16 embeddings and head, and activations
+    kept for the backward pass (no checkpointing)."""
     h, inter = model_config["hidden_size"], model_config["intermediate_size"]
     layers, vocab = model_config["num_hidden_layers"], model_config["vocab_size"]
     heads = model_config["num_attention_heads"]
@@ -267,14 +284,16 @@ def estimate_fast_peak_gib(model_config: dict[str, Any], tokens_per_micro_batch:
     head_dim = model_config.get("head_dim") or h // heads
     linear = layers * (2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * inter)
     embeddings = vocab * h * (1 if model_config.get("tie_word_embeddings") else 2)
-    weights = 0.5625 * linear + 2 * embeddings
+    weights = BASE_BYTES_PER_PARAM[base_precision] * linear + 2 * embeddings
     activations = _FAST_ACTIVATION_BYTES * layers * tokens_per_micro_batch * (h + inter)
     return (weights + activations) / 2**30
 
 
-def choose_gpu_profile(model_config: dict[str, Any], tokens_per_micro_batch: int, gpu_memory_bytes: int) -> str:
+def choose_gpu_profile(model_config: dict[str, Any], tokens_per_micro_batch: int, gpu_memory_bytes: int,
+                       base_precision: str = "nf4") -> str:
     """The fastest profile whose estimated peak fits the GPU: fast when it fits, else lean."""
-    fits = estimate_fast_peak_gib(model_config, tokens_per_micro_batch) <= _FAST_MEMORY_FRACTION * gpu_memory_bytes / 2**30
+    fits = (estimate_fast_peak_gib(model_config, tokens_per_micro_batch, base_precision)
+            <= _FAST_MEMORY_FRACTION * gpu_memory_bytes / 2**30)
     return "fast" if fits else "lean"
 
 
@@ -291,7 +310,7 @@ def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool, model
             name = "plain"
         elif model_config is not None and gpu_memory_bytes:
             tokens = cfg.tokens_per_micro_batch
-            name = choose_gpu_profile(model_config, tokens, gpu_memory_bytes)
+            name = choose_gpu_profile(model_config, tokens, gpu_memory_bytes, cfg.base_precision)
         else:
             name = "lean"
     updates = {k: v for k, v in PROFILES[name].items() if k not in explicit}
@@ -302,7 +321,8 @@ def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool, model
 # forward (the fused kernel reads LoRA weights outside their FSDP unit, which would see shards), torch
 # AdamW (FSDP gathers optimizer states shaped like the parameters; bitsandbytes' 8-bit states are
 # blockwise), and no dequantised copy of the base (it would defeat the sharding).
-FSDP_REQUIRED: dict[str, Any] = {"lora_kernel": "peft", "optimizer": "adamw_torch", "dequantize_cache": False}
+FSDP_REQUIRED: dict[str, Any] = {"lora_kernel": "peft", "optimizer": "adamw_torch", "dequantize_cache": False,
+                                  "base_precision": "nf4"}  # FP8 weights are not sharded (fp8_base.py)
 
 
 def check_fsdp_requirements(cfg: TrainConfig, explicit: set[str], fsdp_version: int | None) -> None:
@@ -329,6 +349,13 @@ def apply_fsdp_requirements(cfg: TrainConfig, explicit: set[str], fsdp_version: 
         return cfg, {}
     changed = {k: v for k, v in FSDP_REQUIRED.items() if getattr(cfg, k) != v}
     return dataclasses.replace(cfg, **changed), changed
+
+
+def recorded_base_precision(cfg: TrainConfig) -> str:
+    """What the frozen base is, for the run's TrainingRecord: "fp8", "nf4" (QLoRA) or "none" (unquantised)."""
+    if cfg.base_precision == "fp8":
+        return "fp8"
+    return "nf4" if cfg.quantize_4bit else "none"
 
 
 def check_run_paths(cfg: TrainConfig) -> None:
@@ -363,7 +390,7 @@ def settle_config(requested: TrainConfig, explicit: set[str], *, on_gpu: bool, f
                                    gpu_memory_bytes=gpu_memory_bytes)
     if requested.profile == "auto" and on_gpu and model_config is not None and gpu_memory_bytes:
         logger.info(f"profile auto -> {profile} (fast profile needs ~"
-                    f"{estimate_fast_peak_gib(model_config, cfg.tokens_per_micro_batch):.0f} GiB; "
+                    f"{estimate_fast_peak_gib(model_config, cfg.tokens_per_micro_batch, cfg.base_precision):.0f} GiB; "
                     f"GPU has {gpu_memory_bytes / 2**30:.0f} GiB)")
     cfg, changed = apply_fsdp_requirements(cfg, explicit, fsdp_version)
     if changed:

@@ -5,7 +5,8 @@
 
 `build_model` loads the Llama-layout folder quantised to NF4 (bitsandbytes), picks the compute path
 (backends.py: dtype, attention, Liger), turns on activation checkpointing, adds LoRA to the configured
-projections (the fused LoRA forward and the dequantised-weight cache of fast_lora.py if asked), loads
+projections (the fused LoRA forward and the dequantised-weight cache of fast_lora.py if asked), with
+``base_precision: fp8`` swaps the seven frozen projections for FP8 ones (fp8_base.py), loads
 the adapter of the checkpoint being resumed, and lets accelerate wrap the result (DDP or FSDP). The
 LoRA initialisation is seeded with ``cfg.seed``: the same on every process and every run.
 """
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from loguru import logger
 
-from hai_medqa.train import backends, checkpoint, fast_lora
+from hai_medqa.train import backends, checkpoint, fast_lora, fp8_base
 from hai_medqa.train.config import TrainConfig
 
 
@@ -46,6 +47,8 @@ def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resum
     from hai_medqa.model.load import load_causal_lm
 
     device = runtime.device
+    fp8 = cfg.base_precision == "fp8"
+    fp8_base.check_base_precision(cfg, device)  # before any weight is read
     compute_dtype = backends.resolve_compute_dtype(cfg.compute_dtype, device)
     attn_implementation = backends.resolve_attn_implementation(cfg.attn_implementation, device)
     if cfg.batching == "packed":
@@ -58,11 +61,18 @@ def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resum
     # quantised weights); FSDP then keeps 1/N of it per GPU.
     quant_storage = backends.resolve_quant_storage(cfg.quant_storage, compute_dtype,
                                                    fsdp=runtime.fsdp_version is not None)
-    model = load_causal_lm(model_path, quantize_4bit=cfg.quantize_4bit, dtype=compute_dtype,
-                           device_map=device_map, attn_implementation=attn_implementation,
-                           quant_storage=quant_storage)
+    if fp8:
+        # The bf16 checkpoint is read into CPU memory and each projection quantised on the GPU one at a time
+        # (convert_base_to_fp8, after LoRA is added): the GPU never holds the bf16 base, so nothing of it
+        # stays reserved or fragmented there. LoRA, norms, embeddings and lm_head move over afterwards.
+        model = load_causal_lm(model_path, quantize_4bit=False, dtype=compute_dtype, device_map={"": "cpu"},
+                               attn_implementation=attn_implementation)
+    else:
+        model = load_causal_lm(model_path, quantize_4bit=cfg.quantize_4bit, dtype=compute_dtype,
+                               device_map=device_map, attn_implementation=attn_implementation,
+                               quant_storage=quant_storage)
     model_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else model.get_memory_footprint()
-    if device.type == "cpu":
+    if device.type == "cpu" and not fp8:
         backends.keep_cpu_4bit_layout_trainable(model)
     liger_applied = backends.maybe_apply_liger(model, cfg.liger_kernel, device)
     model.config.use_cache = False  # a cache would silently turn packing off (samples would attend across)
@@ -77,14 +87,19 @@ def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resum
     model = get_peft_model(model, lora)
     if cfg.lora_kernel == "fused":
         fast_lora.fuse_lora_forward(model)
-    if cfg.dequantize_cache and cfg.quantize_4bit:
+    if fp8:  # after LoRA (which takes its dtype from a bf16 base) and the fused forward (which wraps nn.Linear)
+        fp8_base.convert_base_to_fp8(model, device, impl="scaled_mm")
+        model.to(device)
+        if device.type == "cuda":
+            model_bytes = torch.cuda.memory_allocated(device)
+    elif cfg.dequantize_cache and cfg.quantize_4bit:
         fast_lora.cache_dequantized_weights(model, compute_dtype)
     model.train()  # from_pretrained returns eval mode, where checkpointing and dropout do nothing
     trainable, total = model.get_nb_trainable_parameters()
     where = (f"GPU memory {model_bytes / 2**30:.2f} GiB" if device.type == "cuda"
              else f"memory {model_bytes / 2**20:.1f} MiB")
     logger.info(
-        f"model loaded ({'4-bit NF4' if cfg.quantize_4bit else str(compute_dtype)}, compute "
+        f"model loaded ({'FP8 e4m3 base' if fp8 else '4-bit NF4' if cfg.quantize_4bit else str(compute_dtype)}, compute "
         f"{str(compute_dtype).replace('torch.', '')}, attention {attn_implementation}, "
         f"liger {'on' if liger_applied else 'off'}): {where}; trainable parameters "
         f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"

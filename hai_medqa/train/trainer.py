@@ -36,10 +36,16 @@ from hai_medqa.cli import signal_name
 from hai_medqa.data.provenance import data_provenance
 from hai_medqa.io_utils import fault_point
 from hai_medqa.run_folder import ADAPTER_BEST, ADAPTER_LAST, TrainingRecord, list_checkpoints
-from hai_medqa.train import checkpoint, eval_loss, sample_answers
+from hai_medqa.train import checkpoint, eval_loss, fp8_base, sample_answers
 from hai_medqa.train.adapter_folder import finish_adapter_folder
 from hai_medqa.train.checkpoint import TrainState
-from hai_medqa.train.config import TrainConfig, check_fsdp_requirements, check_run_paths, settle_config
+from hai_medqa.train.config import (
+    TrainConfig,
+    check_fsdp_requirements,
+    check_run_paths,
+    recorded_base_precision,
+    settle_config,
+)
 from hai_medqa.train.errors import NonFiniteLossError, TrainingError
 from hai_medqa.train.model_build import BuiltModel, build_model, build_optimizer
 from hai_medqa.train.packing import collate_packed, collate_padded, group_into_steps, plan_epoch
@@ -287,7 +293,8 @@ class Trainer:
         record = TrainingRecord(base_model=cfg.model, base_model_revision=cfg.model_revision, base_layout="llama",
                                 step=st.global_step, val_loss=st.best_val_loss if folder.name == ADAPTER_BEST else None,
                                 system_prompt=chat_format.resolve_system_prompt(cfg.system_prompt),
-                                data=self._data_record() if self.is_main else None)
+                                data=self._data_record() if self.is_main else None,
+                                base_precision=recorded_base_precision(cfg))
         checkpoint.save_adapter(folder, model=self.model, tokenizer=self.tokenizer, record=record,
                                 runtime=self.runtime)
         if self.is_main:
@@ -357,6 +364,7 @@ class Trainer:
         self.record.start_logging()
         # Bad inputs fail here, before anything large is downloaded or loaded.
         check_fsdp_requirements(requested, self.explicit, rt.fsdp_version)
+        fp8_base.check_base_precision(requested, rt.device)  # a GPU without FP8: one line, nothing loaded
         check_sft_file(requested.train_file, what="train_file")
         if requested.val_file:
             check_sft_file(requested.val_file, what="val_file")
