@@ -34,6 +34,16 @@ the first evaluation, `eval_peak_reserved_gib` the highest after any); evaluatio
 saves are timed apart and left out of the tokens/s.
     python bench/train_throughput.py --shape 7.8b --variants lean --val-records 400 --eval-steps 2
 
+Peers in the same invocation (`--peers`, issue 17): TRL's SFTTrainer (BFD padding-free packing, Liger, flex
+or sdpa attention, with and without checkpointing) and Unsloth (its offloaded checkpointing and none) train on
+the same checkpoint (its Llama-layout conversion), the same tokenised samples and the same tokens per step,
+each in its own process with its own PYTHONPATH (bench/peers.py; the wheels: bench/peer_wheels.py). A peer
+whose packages are missing is skipped with the reason in the JSON; the rest runs.
+    python bench/train_throughput.py --shape 7.8b --variants "fast;lean" --baseline --peers trl,unsloth \
+        --peer-kit /tmp/kit                      # or --peer-site trl=DIR:DIR --peer-site unsloth=DIR:DIR
+    python bench/train_throughput.py --variants "fast;lean" --peers trl:flex,unsloth --gpus 0,1
+`--gpus 0,1` runs the arms two at a time, each alone on one GPU (every arm still has a whole GPU).
+
 Several GPUs (`--num-processes N`): every variant runs under `accelerate launch` with
 configs/accelerate/ddp.yaml (or `--accelerate-config`, e.g. fsdp_qlora.yaml) on N processes, each with
 the variant's own micro-batches and accumulation (so N times the tokens per optimizer step), and - unless
@@ -53,6 +63,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -281,7 +292,8 @@ def judge(result: dict, n_params: int, peak_tflops: float) -> dict:
     losses, norms = result["losses"], result["grad_norms"]
     k = max(2, len(losses) // 5)
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    ok = all(math.isfinite(x) for x in losses) and last < first - 0.02 * abs(first) and min(norms) > 0
+    # a peer that logs no gradient norm (norms == []) is judged by its loss alone
+    ok = all(math.isfinite(x) for x in losses) and last < first - 0.02 * abs(first) and (not norms or min(norms) > 0)
     flops_per_token = (6 if result["gradient_checkpointing"] else 4) * n_params
     result.update(loss_first=first, loss_last=last, training_ok=ok,
                   mfu=result.get("real_tokens_per_s_per_gpu", result["real_tokens_per_s"]) * flops_per_token
@@ -300,6 +312,68 @@ def parse_variant(text: str) -> dict:
         except json.JSONDecodeError:
             overrides[key.strip()] = value.strip()  # names such as flex_attention
     return {"name": text, "profile": name, "overrides": overrides}
+
+
+def _run_arm(spec: dict, cmd: list[str], *, env: dict | None = None, cwd: str | None = None,
+             prefix: str | None = None) -> tuple[int, float]:
+    """Run one arm's process; with `prefix`, its output lines are prefixed (arms running side by side)."""
+    t = time.time()
+    if prefix is None:
+        return subprocess.run(cmd, check=False, env=env, cwd=cwd).returncode, time.time() - t
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1)
+    for line in proc.stdout:
+        print(f"{prefix} {line}", end="", flush=True)
+    return proc.wait(), time.time() - t
+
+
+def run_jobs(jobs: list[dict], gpus: list[str] | None, collect) -> None:
+    """Run every job ({"spec", "cmd", "env", "cwd"}) in order, or - with `gpus` - one per GPU at a time
+    (CUDA_VISIBLE_DEVICES set per arm, so each arm has a GPU to itself). `collect(job, rc, seconds, gpu)`
+    is called once per job, under a lock."""
+    lock = threading.Lock()
+    if not gpus:
+        for job in jobs:
+            rc, dt = _run_arm(job["spec"], job["cmd"], env=job.get("env"), cwd=job.get("cwd"))
+            collect(job, rc, dt, None)
+        return
+    queue = list(jobs)
+
+    def worker(gpu: str) -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                job = queue.pop(0)
+            env = dict(job.get("env") or os.environ, CUDA_VISIBLE_DEVICES=gpu)
+            rc, dt = _run_arm(job["spec"], job["cmd"], env=env, cwd=job.get("cwd"), prefix=f"[gpu{gpu}]")
+            with lock:
+                collect(job, rc, dt, gpu)
+
+    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
+def compare_with_peers(results: list[dict]) -> None:
+    """For each of the project's single-process arms: its speed over the best TRL arm and the Unsloth arm
+    with the same recomputation choice (checkpointing or not), stored as r["vs_peers"]."""
+    ok = [r for r in results if "error" not in r and "skipped" not in r and r.get("training_ok")]
+    peers = [r for r in ok if r.get("peer")]
+    for r in ok:
+        if r.get("peer") or r["name"] == "baseline" or r.get("num_processes", 1) != 1:
+            continue
+        vs = {}
+        for peer in ("trl", "unsloth"):
+            same = [p for p in peers if p["peer"] == peer and p["gradient_checkpointing"] == r["gradient_checkpointing"]]
+            if same:
+                best = max(same, key=lambda p: p["real_tokens_per_s"])
+                vs[peer] = {"arm": best["arm"], "exact_equivalent": best["exact_equivalent"],
+                            "ratio": r["real_tokens_per_s"] / best["real_tokens_per_s"]}
+        if vs:
+            r["vs_peers"] = vs
 
 
 def main() -> int:
@@ -334,6 +408,21 @@ def main() -> int:
     ap.add_argument("--same-global-batch", action="store_true",
                     help="with --num-processes N > 1, run the 1-process reference with N times the accumulation, so "
                          "both take the same optimizer steps and their loss curves can be compared step by step")
+    ap.add_argument("--peers", default="",
+                    help="also run peer arms (bench/peers.py), comma-separated prefixes: all, trl, trl:flex, trl:sdpa, "
+                         "unsloth, or full keys such as trl:flex:ckpt, unsloth:nockpt")
+    ap.add_argument("--peer-site", action="append", default=[], metavar="PEER=PATH[:PATH]",
+                    help="PYTHONPATH of a peer's processes (repeatable; e.g. unsloth=/tmp/kit/site_unsloth:/tmp/kit/"
+                         "site_common). Without one a peer runs in this process's environment")
+    ap.add_argument("--peer-kit", default=None,
+                    help="a folder unpacked by `bench/peer_wheels.py unpack`: sets every peer's PYTHONPATH from it")
+    ap.add_argument("--peer-data", default="tokenized", choices=["tokenized", "conversational"],
+                    help="what the peers are given: the project's tokenised samples (input_ids + labels, the exact "
+                         "tokens the profiles train on; default) or prompt/completion messages for their chat template")
+    ap.add_argument("--peer-tokens", type=int, default=None,
+                    help="tokens per optimizer step of the peer arms (default: TrainConfig's tokens_per_micro_batch)")
+    ap.add_argument("--gpus", default=None,
+                    help="comma-separated GPU ids: run the single-process arms side by side, one per GPU (e.g. 0,1)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -343,6 +432,21 @@ def main() -> int:
         if result is not None:  # None: not rank 0 of a multi-process variant
             Path(spec["result_file"]).write_text(json.dumps(result))
         return 0
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peers as peer_mod  # bench/peers.py
+
+    # Every input checked before the checkpoint is built.
+    if args.num_processes < 1:
+        ap.error("--num-processes must be >= 1")
+    try:
+        peer_arms = peer_mod.parse_peers(args.peers)
+        peer_sites = peer_mod.parse_peer_sites(args.peer_site, args.peer_kit)
+    except peer_mod.PeerError as e:
+        ap.error(str(e))
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    if gpus and args.num_processes > 1:
+        ap.error("--gpus runs single-process arms side by side; it cannot be combined with --num-processes > 1")
 
     from hai_medqa.fixtures.tiny_model import build_exaone_checkpoint, build_tokenizer, resolve_shape
     from hai_medqa.model.load import load_tokenizer
@@ -366,8 +470,6 @@ def main() -> int:
         info["val"] = write_synthetic_jsonl(val_data, load_tokenizer(tok_dir), args.val_records, seed=1)
     n_params = matmul_params(resolve_shape(args.shape))
 
-    if args.num_processes < 1:
-        ap.error("--num-processes must be >= 1")
     variants = [parse_variant(v) for v in args.variants.split(";") if v.strip()]
     specs = []
     for v in variants:
@@ -381,27 +483,80 @@ def main() -> int:
             specs.append(dict(v, name=f"{v['name']} x{args.num_processes}", processes=args.num_processes))
     if args.baseline:
         specs.insert(0, {"name": "baseline", "profile": "seed-style", "overrides": {}, "processes": 1})
-    results = []
+    jobs = []
     for i, spec in enumerate(specs):
         spec.update(model=str(ckpt), train_file=str(data), output_dir=str(work / f"run{i}"),
                     cache_dir=str(work / "tokcache"), warmup=args.warmup, steps=args.steps, lr=args.lr,
                     val_file=str(val_data) if val_data and spec["name"] != "baseline" else None,
                     eval_steps=args.eval_steps, result_file=str(work / f"result{i}.json"))
-        subprocess.run(["rm", "-rf", spec["output_dir"], spec["result_file"]], check=False)
-        t = time.time()
         cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
         if spec["processes"] > 1:  # the launcher users run (docs/training.md "Several GPUs")
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config,
                    "--num_processes", str(spec["processes"]), *cmd[1:]]
-        proc = subprocess.run(cmd, check=False)
-        if proc.returncode != 0 or not Path(spec["result_file"]).exists():
-            results.append({"name": spec["name"], "error": f"exit code {proc.returncode}"})
-            continue
-        res = judge(json.loads(Path(spec["result_file"]).read_text()), n_params, args.peak_tflops)
-        res["process_s"] = round(time.time() - t, 1)
-        results.append(res)
-        Path(args.out).with_suffix(".partial.jsonl").open("a").write(json.dumps(res) + "\n")
-        print("RESULT", json.dumps({k: v for k, v in res.items() if k not in ("losses", "grad_norms")}), flush=True)
+        jobs.append({"key": i, "spec": spec, "cmd": cmd})
+
+    # Peers: the same checkpoint (its Llama-layout conversion, which the profiles' Trainer also loads), the
+    # same tokenised samples and the same tokens per optimizer step.
+    peer_info: dict = {}
+    order = list(range(len(jobs)))  # the rows of the report (job index or peer name), skipped peers in place
+    done: dict = {}
+    if peer_arms:
+        from hai_medqa.model.convert import ensure_llama_checkpoint
+        from hai_medqa.train.config import LORA_TARGET_MODULES, TrainConfig
+
+        llama = ensure_llama_checkpoint(ckpt)
+        peer_data = work / "peer_data.jsonl"
+        info["peer_data"] = peer_mod.write_peer_data(data, llama, peer_data, work / "tokcache")
+        tokens = args.peer_tokens or TrainConfig.__dataclass_fields__["tokens_per_micro_batch"].default
+        for peer in dict.fromkeys(peer_mod.ARMS[a].peer for a in peer_arms):
+            peer_info[peer] = peer_mod.check_peer(peer, peer_sites, CUDA)
+            if not peer_info[peer]["ok"]:
+                # one line; the peers are a bench-only option, so nothing here asks for an install
+                print(f"peer {peer}: skipped ({peer_info[peer]['reason']})", flush=True)
+        for j, key in enumerate(peer_arms):
+            arm = peer_mod.ARMS[key]
+            i = len(specs) + j
+            order.append(f"peer {key}" if not peer_info[arm.peer]["ok"] else len(jobs))
+            if not peer_info[arm.peer]["ok"]:
+                done[f"peer {key}"] = {"name": f"peer {key}", "peer": arm.peer, "arm": key,
+                                       "skipped": peer_info[arm.peer]["reason"], **peer_mod.describe({"arm": key})}
+                continue
+            spec = peer_mod.make_spec(key, model=str(llama), data_file=str(peer_data), data_mode=args.peer_data,
+                                      tokens=tokens, warmup=args.warmup, steps=args.steps, lr=args.lr,
+                                      lora_targets=list(LORA_TARGET_MODULES), output_dir=str(work / f"run{i}"),
+                                      result_file=str(work / f"result{i}.json"))
+            # cwd: Unsloth writes its compiled-kernel cache into the working directory
+            jobs.append({"key": len(jobs), "spec": spec, "cmd": peer_mod.child_command(spec),
+                         "env": peer_mod.peer_env(arm.peer, peer_sites), "cwd": spec["output_dir"], "peer": True})
+
+    for job in jobs:
+        subprocess.run(["rm", "-rf", job["spec"]["output_dir"], job["spec"]["result_file"]], check=False)
+        if job.get("peer"):
+            Path(job["spec"]["output_dir"]).mkdir(parents=True)
+
+    def collect(job: dict, rc: int, seconds: float, gpu: str | None) -> None:
+        spec = job["spec"]
+        if rc != 0 or not Path(spec["result_file"]).exists():
+            done[job["key"]] = {"name": spec["name"], "error": f"exit code {rc}",
+                                **({"peer": spec["peer"], "arm": spec["arm"], **peer_mod.describe(spec)}
+                                   if job.get("peer") else {})}
+            return
+        res = json.loads(Path(spec["result_file"]).read_text())
+        if job.get("peer"):
+            res.update(peer_mod.describe(res))
+        res = judge(res, n_params, args.peak_tflops)
+        res["process_s"] = round(seconds, 1)
+        if gpu is not None:
+            res["gpu"] = gpu
+        done[job["key"]] = res
+        with Path(args.out).with_suffix(".partial.jsonl").open("a") as f:
+            f.write(json.dumps(res) + "\n")
+        print("RESULT", json.dumps({k: v for k, v in res.items()
+                                    if k not in ("losses", "grad_norms", "tokens_per_step", "step_walls")}), flush=True)
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    run_jobs(jobs, gpus, collect)
+    results = [done[key] for key in order]
 
     base = next((r for r in results if r["name"] == "baseline" and "error" not in r), None)
     singles = {r["name"]: r for r in results if "error" not in r and r.get("num_processes") == 1}
@@ -412,6 +567,7 @@ def main() -> int:
             if args.same_global_batch and len(r.get("losses", [])) == len(single.get("losses", [])) > 0:
                 rel = [abs(a - b) / abs(b) for a, b in zip(r["losses"], single["losses"], strict=True)]
                 r["loss_vs_1_process"] = {"mean_rel_diff": sum(rel) / len(rel), "max_rel_diff": max(rel)}
+    compare_with_peers(results)
     import bitsandbytes
     import peft
     import transformers  # noqa: E401 - versions for the record
@@ -420,16 +576,26 @@ def main() -> int:
               "transformers": transformers.__version__, "peft": peft.__version__,
               "bitsandbytes": bitsandbytes.__version__, "date": time.strftime("%Y-%m-%d"),
               "num_processes": args.num_processes, "matmul_params": n_params, "storage_dtype": args.storage_dtype or "bfloat16", "data": info, "build_s": round(build_s, 1), "results": results}
+    if peer_arms:
+        report["peers"] = {"arms": peer_arms, "data": args.peer_data, "environments": peer_info}
+    if gpus:
+        report["gpus_side_by_side"] = gpus
     print(f"\n{args.shape} on {report['device']} (torch {torch.__version__}, transformers {transformers.__version__})")
     print(f"{'variant':<58} {'real tok/s':>10} {'x base':>7} {'MFU':>6} {'alloc':>7} {'reserv':>7}  check")
     for r in results:
+        name = r["name"]
+        if r.get("peer"):  # "=": same stock pieces as that profile; "~": same maths, other kernels
+            name = f"{name} [{'=' if r['exact_equivalent'] else '~'}{r['peer_of']}]"
+        if "skipped" in r:
+            print(f"{name:<58} SKIPPED {r['skipped']}")
+            continue
         if "error" in r:
-            print(f"{r['name']:<58} ERROR {r['error']}")
+            print(f"{name:<58} ERROR {r['error']}")
             continue
         ratio = r["real_tokens_per_s"] / base["real_tokens_per_s"] if base else float("nan")
         r["ratio_to_baseline"] = ratio
         speed = f"{r['real_tokens_per_s']:>10,.0f}" if r["training_ok"] else f"{'FAILED':>10}"
-        print(f"{r['name']:<58} {speed} {ratio:>7.2f} {r['mfu']:>6.1%} {r['peak_allocated_gib']:>6.1f}G "
+        print(f"{name:<58} {speed} {ratio:>7.2f} {r['mfu']:>6.1%} {r['peak_allocated_gib']:>6.1f}G "
               f"{r['peak_reserved_gib']:>6.1f}G  loss {r['loss_first']:.3f}->{r['loss_last']:.3f}")
         if r.get("eval_peak_reserved_gib") is not None:
             print(f"{'':<4}{len(r['evaluations'])} evaluations: peak reserved {r['train_peak_reserved_gib']:.1f}G before "
@@ -440,7 +606,13 @@ def main() -> int:
             print(f"{'':<4}{r['num_processes']} processes: {r['real_tokens_per_s_per_gpu']:,.0f} tok/s per GPU"
                   + (f", {scaling:.2f}x the 1-process run" if scaling else "") + "; peak per GPU (alloc/reserved) "
                   + ", ".join(f"{p['peak_allocated_gib']:.1f}/{p['peak_reserved_gib']:.1f}G" for p in r["per_gpu_peaks"]))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        if r.get("vs_peers"):
+            print(f"{'':<4}vs peers (same recomputation): " + ", ".join(
+                f"{v['ratio']:.2f}x {v['arm']}" + ("" if v["exact_equivalent"] else " (not exact)")
+                for v in r["vs_peers"].values()))
+    if peer_arms:
+        print("peer marks: [=profile] same stock pieces as that profile (flex attention, Liger, padding-free packing, "
+              "same recomputation); [~profile] same maths, other kernels")
     with tempfile.NamedTemporaryFile("w", dir=Path(args.out).parent, delete=False, suffix=".tmp") as f:
         json.dump(report, f, indent=1)
     os.replace(f.name, args.out)
