@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from hai_medqa.errors import HaiMedQAError
+from hai_medqa.inference.safety_classifier import DEFAULT_WEIGHTS_PATH, SafetyClassifier
 
 DEFAULT_RULES_PATH = Path(__file__).with_name("safety_keywords.json")
 DEFAULT_WINDOW_USER_TURNS = 3
@@ -45,6 +46,7 @@ _DROPPED_TAGS = frozenset({"SF", "SP", "SS", "SSO", "SSC", "SE", "SO", "SW", "SB
 # uses the compatibility jamo a rule writer types (ㄴ ㄹ ㅁ ㅂ).
 _JONGSEONG = str.maketrans({"\u11ab": "ㄴ", "\u11af": "ㄹ", "\u11b7": "ㅁ", "\u11b8": "ㅂ", "\u11bb": "ㅆ"})
 _ROLE_USER = "user"
+CLASSIFIER_RULE_PREFIX = "classifier:"  # SafetyHit.rule of a hit from the trained classifier
 
 
 class SafetyConfigError(HaiMedQAError, ValueError):
@@ -269,10 +271,21 @@ class SafetyLayer:
     (for evaluation), so callers need no branches of their own.
     """
 
-    def __init__(self, rules_path: str | Path | None = None, *, enabled: bool = True):
+    def __init__(self, rules_path: str | Path | None = None, *, enabled: bool = True,
+                 classifier: bool | str | Path = True):
         self.enabled = enabled
         self.rules_path = Path(rules_path) if rules_path is not None else DEFAULT_RULES_PATH
         self.categories, self.disclaimer, self.withheld_answer, self.window_user_turns = self._load(self.rules_path)
+        # the trained classifier beside the rules (rules are the floor: a category fires if either does);
+        # True = the bundled weights, False = rules only, a path = that weights file
+        self.classifier: SafetyClassifier | None = None
+        if classifier is not False and enabled:
+            path = DEFAULT_WEIGHTS_PATH if classifier is True else Path(classifier)
+            self.classifier = SafetyClassifier.load(path)
+            missing = {"emergency", "self_harm"} - set(self.category_names)
+            if missing:
+                raise SafetyConfigError(f"{self.rules_path}: the classifier needs the categories {sorted(missing)} "
+                                        "(or pass classifier=False)")
 
     @staticmethod
     def _load(path: Path) -> tuple[tuple[_Category, ...], str, str, int]:
@@ -329,7 +342,14 @@ class SafetyLayer:
                 snippet = rule.match(turns)
                 if snippet is not None:
                     hits.append(SafetyHit(cat.name, rule.name, snippet, rule.suppress_answer))
-        return hits
+        if self.classifier is not None:
+            verdict = self.classifier.assess([t.content for t in turns])
+            for head in verdict.fired:  # a method request shows the self-harm notice and withholds the answer
+                category = "self_harm" if head == "self_harm_method" else head
+                hits.append(SafetyHit(category, f"{CLASSIFIER_RULE_PREFIX}{head}", f"p={verdict.scores[head]:.2f}",
+                                      head == "self_harm_method"))
+        order = {name: i for i, name in enumerate(self.category_names)}
+        return sorted(hits, key=lambda h: order[h.category])  # file order, rules before the classifier
 
     def assess(self, conversation: str | Sequence[Mapping[str, Any]]) -> SafetyVerdict:
         """The one call a chat front end needs: what to show for the latest user turn of `conversation`."""
