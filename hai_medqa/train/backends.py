@@ -127,11 +127,14 @@ def keep_cpu_4bit_layout_trainable(model: torch.nn.Module) -> int:
     return n
 
 
-def maybe_apply_liger(model: Any, setting: bool | str, device: torch.device) -> bool:
+def maybe_apply_liger(model: Any, setting: bool | str, device: torch.device, *, layer_kernels: bool = True) -> bool:
     """Patch a Llama model with Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear+cross-entropy).
 
     ``auto`` applies them when the liger-kernel package is installed and the model is on a GPU;
     ``true`` insists (ConfigError when impossible); ``false`` never. Returns whether they were applied.
+    `layer_kernels` False keeps only the fused linear + cross-entropy (outside the decoder layers): with
+    compiled layers inductor generates RoPE, RMSNorm and SwiGLU fused with their neighbours, which
+    Liger's opaque autograd Functions would prevent (compile_regions.py).
     """
     if setting is False:
         return False
@@ -145,9 +148,11 @@ def maybe_apply_liger(model: Any, setting: bool | str, device: torch.device) -> 
         return False
     from liger_kernel.transformers import apply_liger_kernel_to_llama
 
-    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+    apply_liger_kernel_to_llama(rope=layer_kernels, rms_norm=layer_kernels, swiglu=layer_kernels, cross_entropy=False,
                                 fused_linear_cross_entropy=True, model=model)
-    logger.info("Liger kernels applied (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy)")
+    logger.info("Liger kernels applied (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy)" if layer_kernels else
+                "Liger kernels applied (fused linear cross-entropy; RoPE, RMSNorm and SwiGLU are left to the "
+                "compiled layers)")
     return True
 
 

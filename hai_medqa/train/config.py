@@ -102,6 +102,11 @@ class TrainConfig:
     capability >= 8.9 such as H100/H200): float8 e4m3 weights with per-output-channel scales made from the
     bf16 checkpoint, forward and input-gradient matmuls in FP8 with row-wise scales (torch._scaled_mm);
     LoRA stays bf16/fp32. Changes the numerics (hai_medqa/train/fp8_base.py; docs/training.md)."""
+    compile_layers: bool = False
+    """torch.compile every decoder layer as one region while training, so inductor fuses the residual adds,
+    norms, RoPE, SwiGLU and LoRA glue around the projections (hai_medqa/train/compile_regions.py): the same
+    mathematics, fused rounding; Liger keeps only its fused cross-entropy. Compiles during the first steps;
+    evaluation runs uncompiled. Not under FSDP."""
 
     # --- batching
     batching: Literal["packed", "padded"] = "packed"
@@ -322,7 +327,8 @@ def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool, model
 # AdamW (FSDP gathers optimizer states shaped like the parameters; bitsandbytes' 8-bit states are
 # blockwise), and no dequantised copy of the base (it would defeat the sharding).
 FSDP_REQUIRED: dict[str, Any] = {"lora_kernel": "peft", "optimizer": "adamw_torch", "dequantize_cache": False,
-                                  "base_precision": "nf4"}  # FP8 weights are not sharded (fp8_base.py)
+                                  "base_precision": "nf4",  # FP8 weights are not sharded (fp8_base.py)
+                                  "compile_layers": False}  # FSDP1 swaps the parameters under compiled layers
 
 
 def check_fsdp_requirements(cfg: TrainConfig, explicit: set[str], fsdp_version: int | None) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from loguru import logger
 
-from hai_medqa.train import backends, checkpoint, fast_lora, fp8_base
+from hai_medqa.train import backends, checkpoint, compile_regions, fast_lora, fp8_base
 from hai_medqa.train.config import TrainConfig
 
 
@@ -37,6 +37,8 @@ class BuiltModel:
     total_params: int
     memory_bytes: int
     """GPU memory the loaded model took (CPU: its footprint)."""
+    compiled_layers: int = 0
+    """Decoder layers running as compiled regions while training (compile_layers; compile_regions.py)."""
 
 
 def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resume_from: str | Path | None = None,
@@ -74,7 +76,7 @@ def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resum
     model_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else model.get_memory_footprint()
     if device.type == "cpu" and not fp8:
         backends.keep_cpu_4bit_layout_trainable(model)
-    liger_applied = backends.maybe_apply_liger(model, cfg.liger_kernel, device)
+    liger_applied = backends.maybe_apply_liger(model, cfg.liger_kernel, device, layer_kernels=not cfg.compile_layers)
     model.config.use_cache = False  # a cache would silently turn packing off (samples would attend across)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=cfg.checkpoint_every_n_layers)
@@ -111,10 +113,14 @@ def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resum
 
         # decoder layers as FSDP units, each LoRA matrix its own unit (trainable fp32 apart from frozen bf16)
         runtime.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+    compiled = 0
+    if cfg.compile_layers:  # in place, before DDP wraps the model (module names unchanged)
+        fixed_rows = cfg.batching == "packed" and cfg.pad_to_fixed_length
+        compiled = compile_regions.compile_decoder_layers(model, dynamic=False if fixed_rows else None)
     prepared = runtime.accelerator.prepare_model(model, device_placement=False)
     return BuiltModel(model=prepared, compute_dtype=compute_dtype, attn_implementation=attn_implementation,
                       liger_applied=liger_applied, trainable_params=int(trainable), total_params=int(total),
-                      memory_bytes=int(model_bytes))
+                      memory_bytes=int(model_bytes), compiled_layers=compiled)
 
 
 def build_optimizer(model: Any, cfg: TrainConfig, runtime: Any, *, warmup_steps: int, total_steps: int,

@@ -36,7 +36,7 @@ from hai_medqa.cli import signal_name
 from hai_medqa.data.provenance import data_provenance
 from hai_medqa.io_utils import fault_point
 from hai_medqa.run_folder import ADAPTER_BEST, ADAPTER_LAST, TrainingRecord, list_checkpoints
-from hai_medqa.train import checkpoint, eval_loss, fp8_base, sample_answers
+from hai_medqa.train import checkpoint, compile_regions, eval_loss, fp8_base, sample_answers
 from hai_medqa.train.adapter_folder import finish_adapter_folder
 from hai_medqa.train.checkpoint import TrainState
 from hai_medqa.train.config import (
@@ -89,6 +89,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run until max_steps/epochs, early stop, a signal or a non-finite loss; return the summary."""
         t_start = time.time()
+        self._session_start_step = self.state.global_step  # this session's first step (resumed runs: later)
         self.record.open(tensorboard=self.cfg.tensorboard, start_step=self.state.global_step,
                          total_steps=self.total_steps)
         try:
@@ -122,6 +123,8 @@ class Trainer:
                 step_mbs = steps[st.step_in_epoch]
                 t0 = time.perf_counter()
                 stats = self._step(step_mbs)  # step: this process's share, one optimizer update
+                if st.global_step == self._session_start_step and self.built.compiled_layers:
+                    compile_regions.log_compile_stats(self.compile_stats(), when="after the first step")
                 rec = self._advance(step_mbs, stats, time.perf_counter() - t0, len(steps))
                 self.record.log_step(rec, stats, total_steps=self.total_steps, logging_steps=cfg.logging_steps)
                 for cb in self.callbacks:
@@ -347,6 +350,9 @@ class Trainer:
         }
         if self.runtime.on_gpu:
             summary["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(self.runtime.device))
+        if built.compiled_layers:
+            summary["compile"] = self.compile_stats()
+            compile_regions.log_compile_stats(summary["compile"], when="at the end")
         return self.record.finish(
             summary, title=f"{Path(self.cfg.model).name} QLoRA r={self.cfg.lora_r}",
             resolved={"attn_implementation": built.attn_implementation, "liger_kernel": built.liger_applied,
@@ -469,6 +475,13 @@ class Trainer:
         """Answer (loss-carrying) tokens in the given micro-batches."""
         ans = ds.answer_lengths
         return int(sum(int(ans[i]) for mb in micro_batches for i in mb))
+
+    def compile_stats(self) -> dict[str, Any] | None:
+        """With compile_layers: the compiled layers' graphs, recompiles and graph breaks so far
+        (compile_regions.compile_stats); None without."""
+        if not self.built.compiled_layers:
+            return None
+        return {"layers": self.built.compiled_layers, **compile_regions.compile_stats()}
 
     # ------------------------------------------------------------------ views
     @property
