@@ -117,8 +117,13 @@ def matmul_params(cfg: dict) -> int:
 
 
 # ------------------------------------------------------------------------------------------ data
-def write_synthetic_jsonl(path: Path, tokenizer, n: int, seed: int) -> dict:
-    """n records whose rendered, tokenised length is lognormal(log 330, 0.5) clipped to 64..2048."""
+def write_synthetic_jsonl(path: Path, tokenizer, n: int, seed: int, pattern: str = "cycle") -> dict:
+    """n records whose rendered, tokenised length is lognormal(log 330, 0.5) clipped to 64..2048.
+
+    pattern "cycle": each answer walks the sentence cycle from a random start (learnt almost perfectly within
+    tens of steps; the loss tends to ~0.01, where relative differences between runs are noise). "random":
+    every sentence is drawn at random, so ln(8) nats per ~20-token sentence stay unlearnable (a loss floor of
+    ~0.1): what a long loss-parity run needs."""
     import random
 
     from hai_medqa import chat_format
@@ -138,7 +143,7 @@ def write_synthetic_jsonl(path: Path, tokenizer, n: int, seed: int) -> dict:
                 s = SENTENCES[k % len(SENTENCES)]
                 parts.append(s)
                 used += len(sentence_ids[k % len(SENTENCES)]) + 1
-                k += 1
+                k = k + 1 if pattern == "cycle" else rng.randrange(len(SENTENCES))
             f.write(json.dumps({"instruction": q, "output": " ".join(parts)}, ensure_ascii=False) + "\n")
             lengths.append(target)
     return {"records": n, "target_mean": sum(lengths) / n}
@@ -209,7 +214,7 @@ def run_variant(spec: dict) -> dict:
         k: getattr(trainer.cfg, k) for k in ("attn_implementation", "liger_kernel", "gradient_checkpointing",
                                              "checkpoint_every_n_layers", "tokens_per_micro_batch",
                                              "pad_to_fixed_length", "lora_dropout", "gradient_accumulation_steps",
-                                             "lora_kernel", "dequantize_cache", "optimizer")
+                                             "lora_kernel", "dequantize_cache", "optimizer", "base_precision")
         if hasattr(trainer.cfg, k)},
         "attn_used": trainer.attn_implementation, "liger_used": trainer.liger_applied,
         "real_tokens_per_s": tokens / wall, "steps_timed": len(timed), "tokens_timed": tokens,
@@ -224,7 +229,8 @@ def run_variant(spec: dict) -> dict:
         # (back to the start, or to the warm-up reset when the first evaluation comes after it).
         "train_peak_reserved_gib": evals[0]["peak_reserved_before_gib"] if evals else None,
         "eval_peak_reserved_gib": max((e["peak_reserved_after_gib"] for e in evals), default=None),
-        "losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records]}
+        "losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
+        "batch_digests": [r.get("batch_digest") for r in records]}  # which samples each step trained on
 
 
 def run_baseline(spec: dict) -> dict:
@@ -299,6 +305,27 @@ def judge(result: dict, n_params: int, peak_tflops: float) -> dict:
                   mfu=result.get("real_tokens_per_s_per_gpu", result["real_tokens_per_s"]) * flops_per_token
                   / (peak_tflops * 1e12))
     return result
+
+
+def loss_parity(ref: dict, other: dict, *, window: int = 10, target: float = 0.02) -> dict:
+    """Per-step loss of `other` against `ref` (the same steps on the same data): mean and max of
+    |l - l_ref| / l_ref, the mean absolute difference, and the same relative difference on `window`-step
+    means (less sensitive to one step's noise). `same_batches` says whether every step trained on the same
+    samples (the trainer's batch digests); without it the comparison means nothing."""
+    a, b = other["losses"], ref["losses"]
+    n = min(len(a), len(b))
+    rel = [abs(x - y) / abs(y) for x, y in zip(a[:n], b[:n], strict=True)]
+    wins = [(sum(a[i:i + window]) / len(a[i:i + window]), sum(b[i:i + window]) / len(b[i:i + window]))
+            for i in range(0, n, window)]
+    wrel = [abs(x - y) / abs(y) for x, y in wins]
+    same = (len(a) == len(b) and other.get("batch_digests") is not None
+            and other.get("batch_digests") == ref.get("batch_digests"))
+    mean_rel = sum(rel) / n
+    return {"reference": ref["name"], "steps": n, "same_batches": same, "mean_rel_diff": mean_rel,
+            "max_rel_diff": max(rel), "max_rel_diff_step": rel.index(max(rel)) + 1,
+            "mean_abs_diff": sum(abs(x - y) for x, y in zip(a[:n], b[:n], strict=True)) / n,
+            "window": window, "window_mean_rel_diff": sum(wrel) / len(wrel), "window_max_rel_diff": max(wrel),
+            "target_mean_rel_diff": target, "met": bool(same and mean_rel <= target)}
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -423,6 +450,13 @@ def main() -> int:
                     help="tokens per optimizer step of the peer arms (default: TrainConfig's tokens_per_micro_batch)")
     ap.add_argument("--gpus", default=None,
                     help="comma-separated GPU ids: run the single-process arms side by side, one per GPU (e.g. 0,1)")
+    ap.add_argument("--loss-parity", action="store_true",
+                    help="compare every variant's per-step loss with the first variant's (same data order and seed): "
+                         "mean/max relative difference, target mean <= 2%% (issue 17's FP8 check; use --steps >= 200 "
+                         "and --data-pattern random)")
+    ap.add_argument("--data-pattern", default="cycle", choices=["cycle", "random"],
+                    help="synthetic answers: cycle (learnt to ~0.01 loss within tens of steps) or random (sentences "
+                         "drawn at random: a loss floor of ~0.1, so long runs stay comparable)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -462,8 +496,8 @@ def main() -> int:
     if not (ckpt / "config.json").exists():
         build_exaone_checkpoint(ckpt, args.shape, tokenizer_dir=tok_dir, device=DEVICE, dtype=args.storage_dtype)
     build_s = time.time() - t0
-    data = work / "synthetic.jsonl"
-    info = write_synthetic_jsonl(data, load_tokenizer(tok_dir), args.records, seed=0)
+    data = work / ("synthetic.jsonl" if args.data_pattern == "cycle" else f"synthetic_{args.data_pattern}.jsonl")
+    info = write_synthetic_jsonl(data, load_tokenizer(tok_dir), args.records, seed=0, pattern=args.data_pattern)
     val_data = None
     if args.val_records:
         val_data = work / "synthetic_val.jsonl"
@@ -552,7 +586,8 @@ def main() -> int:
         with Path(args.out).with_suffix(".partial.jsonl").open("a") as f:
             f.write(json.dumps(res) + "\n")
         print("RESULT", json.dumps({k: v for k, v in res.items()
-                                    if k not in ("losses", "grad_norms", "tokens_per_step", "step_walls")}), flush=True)
+                                    if k not in ("losses", "grad_norms", "tokens_per_step", "step_walls",
+                                                 "batch_digests")}), flush=True)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     run_jobs(jobs, gpus, collect)
@@ -568,6 +603,11 @@ def main() -> int:
                 rel = [abs(a - b) / abs(b) for a, b in zip(r["losses"], single["losses"], strict=True)]
                 r["loss_vs_1_process"] = {"mean_rel_diff": sum(rel) / len(rel), "max_rel_diff": max(rel)}
     compare_with_peers(results)
+    parity_ref = next((r for r in results if args.loss_parity and "error" not in r and "skipped" not in r
+                       and r["name"] != "baseline" and not r.get("peer") and r.get("num_processes") == 1), None)
+    for r in results if parity_ref else []:  # --loss-parity: every other arm against the first variant
+        if r is not parity_ref and "error" not in r and "skipped" not in r and r.get("losses"):
+            r["loss_parity"] = loss_parity(parity_ref, r)
     import bitsandbytes
     import peft
     import transformers  # noqa: E401 - versions for the record
@@ -606,6 +646,12 @@ def main() -> int:
             print(f"{'':<4}{r['num_processes']} processes: {r['real_tokens_per_s_per_gpu']:,.0f} tok/s per GPU"
                   + (f", {scaling:.2f}x the 1-process run" if scaling else "") + "; peak per GPU (alloc/reserved) "
                   + ", ".join(f"{p['peak_allocated_gib']:.1f}/{p['peak_reserved_gib']:.1f}G" for p in r["per_gpu_peaks"]))
+        if r.get("loss_parity"):
+            lp = r["loss_parity"]
+            print(f"{'':<4}loss vs {lp['reference']} over {lp['steps']} steps: mean {lp['mean_rel_diff']:.2%}, max "
+                  f"{lp['max_rel_diff']:.2%} (step {lp['max_rel_diff_step']}), {lp['window']}-step means "
+                  f"{lp['window_mean_rel_diff']:.2%}; " + ("same batches" if lp["same_batches"] else "DIFFERENT BATCHES")
+                  + f"; target mean <= {lp['target_mean_rel_diff']:.0%}: {'met' if lp['met'] else 'NOT met'}")
         if r.get("vs_peers"):
             print(f"{'':<4}vs peers (same recomputation): " + ", ".join(
                 f"{v['ratio']:.2f}x {v['arm']}" + ("" if v["exact_equivalent"] else " (not exact)")
