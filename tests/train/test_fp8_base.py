@@ -297,3 +297,28 @@ def test_fast_profile_estimate_counts_a_byte_per_fp8_weight():
     linear = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
     diff = estimate_fast_peak_gib(cfg, 8192, "fp8") - estimate_fast_peak_gib(cfg, 8192)
     assert diff == pytest.approx((1.0 - 0.5625) * linear / 2**30)
+
+
+# ------------------------------------------------------------------- the bench's parity report
+def test_bench_loss_parity_and_its_variant_key():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    v = bench.parse_variant("lean:base_precision=fp8,tokens_per_micro_batch=2048")
+    assert v["profile"] == "lean" and v["overrides"] == {"base_precision": "fp8", "tokens_per_micro_batch": 2048}
+    TrainConfig(**v["overrides"]).validate()  # the bench builds TrainConfig(**overrides)
+
+    ref = {"name": "plain", "losses": [2.0, 1.0, 0.5, 0.4], "batch_digests": ["a", "b", "c", "d"]}
+    other = {"name": "fp8", "losses": [2.02, 1.0, 0.49, 0.42], "batch_digests": ["a", "b", "c", "d"]}
+    lp = bench.loss_parity(ref, other, window=2)
+    assert lp["same_batches"] and lp["steps"] == 4
+    assert lp["mean_rel_diff"] == pytest.approx((0.01 + 0 + 0.02 + 0.05) / 4)
+    assert lp["max_rel_diff"] == pytest.approx(0.05) and lp["max_rel_diff_step"] == 4
+    assert lp["window_mean_rel_diff"] == pytest.approx((0.01 / 1.5 + 0.005 / 0.45) / 2)  # means of 2 steps
+    assert lp["met"]  # mean 2.0% <= 2%
+    assert not bench.loss_parity(ref, {**other, "batch_digests": ["a", "b", "x", "d"]})["met"]  # other data
+    assert not bench.loss_parity(ref, {**other, "losses": [2.2, 1.1, 0.55, 0.44]})["met"]  # 10% off
