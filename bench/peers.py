@@ -159,6 +159,9 @@ def peer_env(peer: str, sites: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     if peer in sites:
         env["PYTHONPATH"] = sites[peer]
+    # One GPU per arm: with several visible, TRL's SFTTrainer refuses (Trainer would use nn.DataParallel).
+    # `--gpus` sets it per arm; otherwise the first GPU, like the project's own single-process arms.
+    env.setdefault("CUDA_VISIBLE_DEVICES", "0")
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
                TOKENIZERS_PARALLELISM="false")
     if peer == "unsloth":
@@ -388,7 +391,9 @@ def _finish(spec: dict, steps: list[dict], settings: dict, versions: dict, cuda:
     peaks = ({"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
               "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30} if cuda else
              {"peak_allocated_gib": float("nan"), "peak_reserved_gib": float("nan")})
-    return {"name": spec["name"], "profile": f"peer:{spec['peer']}", "peer": spec["peer"], "arm": spec["arm"],
+    # A peer whose trainer never called training_step (a patched loop) would otherwise report 0 tok/s.
+    problem = {} if tokens else {"error": "no tokens counted: the trainer's training_step never saw a batch"}
+    return {**problem, "name": spec["name"], "profile": f"peer:{spec['peer']}", "peer": spec["peer"], "arm": spec["arm"],
             "config": settings, "versions": versions, "num_processes": 1,
             "real_tokens_per_s": tokens / wall if wall else float("nan"), "steps_timed": len(timed),
             "tokens_timed": tokens, "real_tokens_per_s_median_step": (tokens / len(timed)) / median if timed else None,
