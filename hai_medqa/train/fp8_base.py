@@ -23,6 +23,11 @@ The FP8 tensors are frozen `Parameter`s whose dtype is hidden from generic code:
 uint8 bits and the scales as int32 bits, viewed as float8/float32 only inside the matmul, so a
 ``model.to(dtype)``, PEFT's dtype handling or DDP's broadcast can never cast or round them.
 
+Inside a compiled region (torch.compile of a decoder layer, say) the layer traces as one graph: the
+quantiser is plain tensor code there and `_scaled_mm` is traceable (checked by hand with
+``torch.compile(layer, backend="aot_eager", fullgraph=True)`` on CPU: forward and dX bit-equal to eager).
+Outside one, the quantiser alone is compiled on CUDA, so each quantisation is one fused pass.
+
 `impl` selects how the matmul runs: ``"scaled_mm"`` (torch._scaled_mm; the training path) or ``"emulate"``
 (dequantise both FP8 operands to float32 and multiply: the identical quantisation math, for tests on CPUs).
 The trainer never picks ``"emulate"``: on a CPU or a GPU without FP8 it refuses (`check_base_precision`).
@@ -69,7 +74,10 @@ def quantize_rows(t: torch.Tensor, col_scale: torch.Tensor | None = None) -> tup
     dY this way). Returns (q of t's shape, scale of shape (rows, 1)). On CUDA the function is compiled once
     (one fused read of ``t``; dynamic shapes, so packed rows of any length reuse it); elsewhere eager.
     """
+    if torch.compiler.is_compiling():  # inside a compiled region (e.g. a compiled decoder layer): trace it there
+        return _quantize_rows_eager(t, col_scale)
     if t.is_cuda:
+        t = t.detach()  # no autograd here (the callers are an autograd.Function): one guard less
         fn = _COMPILED.get("quantize")
         if fn is None:
             fn = _COMPILED["quantize"] = torch.compile(_quantize_rows_eager, dynamic=True, fullgraph=True)
@@ -123,7 +131,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         w_scale = scale_bits.view(torch.float32)
         dy2 = dy.reshape(-1, dy.shape[-1])
         g_q, g_scale = quantize_rows(dy2, col_scale=w_scale)
-        w_q_t = w_q.t().contiguous()  # (in x out) row-major: W_q as the column-major second operand
+        w_q_t = w_bits.t().contiguous().view(FP8_DTYPE)  # (in x out) row-major: W_q as a column-major operand
         ones = torch.ones(1, w_q.shape[1], dtype=torch.float32, device=dy.device)
         dx = _mm(g_q, g_scale, w_q_t.t(), ones, dy.dtype, ctx.impl)
         return dx.view(*dy.shape[:-1], w_q.shape[1]), None, None, None
