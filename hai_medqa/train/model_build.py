@@ -93,6 +93,7 @@ def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resum
         fp8_base.convert_base_to_fp8(model, device, impl="scaled_mm")
         model.to(device)
         if device.type == "cuda":
+            torch.cuda.empty_cache()  # the per-layer bf16/fp32 temporaries of the quantisation
             model_bytes = torch.cuda.memory_allocated(device)
     elif cfg.dequantize_cache and cfg.quantize_4bit:
         fast_lora.cache_dequantized_weights(model, compute_dtype)
