@@ -214,7 +214,8 @@ def run_variant(spec: dict) -> dict:
         k: getattr(trainer.cfg, k) for k in ("attn_implementation", "liger_kernel", "gradient_checkpointing",
                                              "checkpoint_every_n_layers", "tokens_per_micro_batch",
                                              "pad_to_fixed_length", "lora_dropout", "gradient_accumulation_steps",
-                                             "lora_kernel", "dequantize_cache", "optimizer", "base_precision")
+                                             "lora_kernel", "dequantize_cache", "optimizer", "base_precision",
+                                             "compile_layers")
         if hasattr(trainer.cfg, k)},
         "attn_used": trainer.attn_implementation, "liger_used": trainer.liger_applied,
         "real_tokens_per_s": tokens / wall, "steps_timed": len(timed), "tokens_timed": tokens,
@@ -230,7 +231,8 @@ def run_variant(spec: dict) -> dict:
         "train_peak_reserved_gib": evals[0]["peak_reserved_before_gib"] if evals else None,
         "eval_peak_reserved_gib": max((e["peak_reserved_after_gib"] for e in evals), default=None),
         "losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
-        "batch_digests": [r.get("batch_digest") for r in records]}  # which samples each step trained on
+        "batch_digests": [r.get("batch_digest") for r in records],  # which samples each step trained on
+        "compile": trainer.compile_stats()}  # compile_layers: graphs, recompiles, graph breaks (else None)
 
 
 def run_baseline(spec: dict) -> dict:
@@ -652,6 +654,11 @@ def main() -> int:
                   f"{lp['max_rel_diff']:.2%} (step {lp['max_rel_diff_step']}), {lp['window']}-step means "
                   f"{lp['window_mean_rel_diff']:.2%}; " + ("same batches" if lp["same_batches"] else "DIFFERENT BATCHES")
                   + f"; target mean <= {lp['target_mean_rel_diff']:.0%}: {'met' if lp['met'] else 'NOT met'}")
+        if r.get("compile"):
+            c = r["compile"]
+            print(f"{'':<4}compiled layers: {c['region_graphs']} graph(s), {c['region_recompiles']} recompile(s), "
+                  f"{c['region_graph_breaks']} graph break(s) in the region ({c['process_graph_breaks']} in the "
+                  "process)" + (" - RECOMPILE LIMIT REACHED" if c["recompile_limit_reached"] else ""))
         if r.get("vs_peers"):
             print(f"{'':<4}vs peers (same recomputation): " + ", ".join(
                 f"{v['ratio']:.2f}x {v['arm']}" + ("" if v["exact_equivalent"] else " (not exact)")
