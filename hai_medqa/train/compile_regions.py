@@ -57,6 +57,11 @@ BACKEND_ENV = "HAI_MEDQA_COMPILE_BACKEND"
 differentiates exactly as inductor does but runs the captured graphs eagerly: it tells a tracing
 problem from a code-generation one, and keeps the CPU tests fast."""
 
+MODE_ENV = "HAI_MEDQA_COMPILE_MODE"
+"""Environment variable setting torch.compile's mode for the region (default: torch's default mode), e.g.
+``max-autotune-no-cudagraphs`` - what transformers compiles flex attention with outside a region - to
+autotune the flex-attention and matmul kernels at the price of a much longer first step."""
+
 RECOMPILE_LIMIT = 8
 """Graphs the layer region may hold (torch's default limit): training needs 1-4 (see module docs);
 more means shapes or guards change step after step, and dynamo then runs new cases eagerly."""
@@ -78,7 +83,7 @@ def _compiled_run_layer(backend: str, dynamic: bool | None, mode: str | None) ->
     kwargs: dict[str, Any] = {"backend": backend, "dynamic": dynamic}
     if mode is not None:
         kwargs["mode"] = mode
-    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # torch >= 2.13: per region
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # per region where torch has it
         kwargs["recompile_limit"] = RECOMPILE_LIMIT
     return torch.compile(_run_layer, **kwargs)
 
@@ -137,11 +142,13 @@ def compile_decoder_layers(model: torch.nn.Module, *, dynamic: bool | None, back
     dynamo make the changing lengths symbolic after the first change. Call it after LoRA and the fused
     forward are in place and before DDP wrapping; compilation itself happens at the first training
     forward. Each layer's activation checkpointing (transformers' `gradient_checkpointing` flag and
-    function) is moved outside the region.
+    function) is moved outside the region. `backend` and `mode` default to $HAI_MEDQA_COMPILE_BACKEND
+    (else inductor) and $HAI_MEDQA_COMPILE_MODE (else torch's default).
     """
     if not hasattr(torch.nn.Module, "_compiled_call_impl"):  # what nn.Module.compile sets; read by __call__
         raise RuntimeError(f"torch {torch.__version__} has no nn.Module._compiled_call_impl to redirect a layer's call")
     backend = resolve_backend(backend)
+    mode = mode or os.environ.get(MODE_ENV) or None
     compiled = _compiled_run_layer(backend, dynamic, mode)
     layers = decoder_layers(model)
     for layer in layers:
