@@ -4,8 +4,10 @@ On the CPU the region is compiled with the ``aot_eager`` backend: dynamo capture
 the fused LoRA forward, sdpa, RoPE, norms) and AOTAutograd differentiates it exactly as it does for
 inductor, but the captured graphs run eagerly - so these checks are fast and exact. Inductor itself
 (generated C++ kernels, fused rounding) is `test_inductor_layers_match_eager`: ~45 s of cold C++
-compilation on the 2-core machine, so it is opt-in (HAI_TEST_INDUCTOR=1). Flex attention has no CPU
-backward, and Liger needs CUDA: `test_gpu_flex_liger_layers_match_eager` runs only on a GPU.
+compilation on the 2-core machine, so it is opt-in (HAI_TEST_COMPILE_SLOW=1), like
+`test_flex_attention_forward_in_the_region_with_variable_rows` (flex attention's mask builder compiles with
+inductor; flex has no CPU backward, so only the forward is checked there). Liger needs CUDA, and flex
+attention's backward a GPU: `test_gpu_flex_liger_layers_match_eager` runs only on a GPU.
 """
 
 from __future__ import annotations
@@ -283,9 +285,12 @@ def _has_cpp_compiler() -> bool:
     return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
 
 
+SLOW = os.environ.get("HAI_TEST_COMPILE_SLOW") == "1"
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("HAI_TEST_INDUCTOR") != "1",
-                    reason="inductor's cold C++ compile takes ~45 s of CPU on the 2-core machine; HAI_TEST_INDUCTOR=1")
+@pytest.mark.skipif(not SLOW, reason="inductor's cold C++ compile takes ~45 s of CPU on the 2-core machine; "
+                                     "HAI_TEST_COMPILE_SLOW=1")
 @pytest.mark.skipif(not _has_cpp_compiler(), reason="CPU inductor needs a C++ compiler (g++)")
 def test_inductor_layers_match_eager(tiny_llama_dir):
     """The real backend: inductor's generated (fused) kernels; fp32 rounding apart, the same training."""
@@ -297,6 +302,27 @@ def test_inductor_layers_match_eager(tiny_llama_dir):
     _assert_same_training(ref, got, loss_rtol=1e-5, grad_atol=1e-4, grad_rtol=1e-3)
     stats = compile_regions.compile_stats()
     assert stats["region_graphs"] == 1 and stats["region_graph_breaks"] == 0, stats
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SLOW, reason="flex attention's mask builder compiles with inductor (~25 s on the 2-core "
+                                     "machine); HAI_TEST_COMPILE_SLOW=1")
+@pytest.mark.skipif(not _has_cpp_compiler(), reason="CPU inductor needs a C++ compiler (g++)")
+def test_flex_attention_forward_in_the_region_with_variable_rows(tiny_llama_dir):
+    """The lean profile's attention inside the region: flex attention's BlockMask (built outside, per row)
+    passes into the compiled layers; rows of new lengths reuse the symbolic-length graph (no recompile per
+    step) and the logits equal sdpa's. Training mode without gradients: flex attention has no CPU backward."""
+    ref = _model(tiny_llama_dir, checkpointing=False)
+    model = _model(tiny_llama_dir, checkpointing=False, attn="flex_attention")
+    compile_regions.compile_decoder_layers(model, dynamic=None, backend="aot_eager")
+    for length in (128, 256, 192, 200):
+        batch = _batches(1, length)[0]
+        with torch.no_grad():
+            want = ref(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        assert (got - want).abs().max().item() < 1e-4, length
+    stats = compile_regions.compile_stats()
+    assert (stats["region_graphs"], stats["region_graph_breaks"]) == (2, 0), stats
 
 
 @pytest.mark.skipif(not CUDA, reason="GPU only: flex attention has no CPU backward; Liger needs CUDA")
