@@ -22,8 +22,9 @@ How it composes with the rest of the training path:
   or offloading) wraps the compiled call, so the recomputation reruns the compiled kernels.
 - bitsandbytes 0.50's NF4 matmul is a torch custom op (fake kernels registered), the fused LoRA forward
   of fast_lora.py is plain tensor code, and transformers calls flex attention uncompiled when already
-  compiling, so all of them trace into the region (tested on CPU for NF4 + fused LoRA + sdpa;
-  flex attention is GPU-only here).
+  compiling, so all of them trace into the region (tested on the CPU for NF4 + fused LoRA + sdpa in
+  training, and for flex attention's forward with its BlockMask as a region input; flex attention's
+  backward runs only on a GPU).
 - Liger's RoPE, RMSNorm and SwiGLU are hand-written autograd Functions around Triton kernels: opaque
   to inductor, they would cut the fusion they are meant to provide. With compiled layers the model
   keeps only Liger's fused linear + cross-entropy (outside the layers) and inductor generates the rest
@@ -33,7 +34,7 @@ How it composes with the rest of the training path:
   torch's DDPOptimizer (graph splits at bucket boundaries) only concerns a compiled DDP module and is
   not involved. FSDP (version 1) swaps parameters under the layers and is refused by the config.
 - Module names do not change (no ``_orig_mod`` segment: the layer's call is redirected, not wrapped),
-  so checkpoints and adapters are byte-for-byte in the same format.
+  so checkpoints and adapters hold the same tensor names in the same format.
 
 Shapes: the `fast` profile pads every row to one length (`dynamic=False`: one static graph); with
 variable rows (`lean`) `dynamic=None` lets dynamo compile the first shape statically and, at the first
@@ -53,8 +54,8 @@ import torch
 from loguru import logger
 
 BACKEND_ENV = "HAI_MEDQA_COMPILE_BACKEND"
-"""Environment variable overriding the compile backend (default inductor). ``aot_eager`` traces and
-differentiates exactly as inductor does but runs the captured graphs eagerly: it tells a tracing
+"""Environment variable overriding the compile backend (default inductor). ``aot_eager`` captures and
+differentiates the same graphs (dynamo + AOTAutograd) but runs them with eager kernels: it tells a tracing
 problem from a code-generation one, and keeps the CPU tests fast."""
 
 MODE_ENV = "HAI_MEDQA_COMPILE_MODE"
