@@ -325,19 +325,40 @@ def test_flex_attention_forward_in_the_region_with_variable_rows(tiny_llama_dir)
     assert (stats["region_graphs"], stats["region_graph_breaks"]) == (2, 0), stats
 
 
+@pytest.fixture(scope="module")
+def gpu_llama_dir(tmp_path_factory):
+    """A small random Llama with the EXAONE head size (128), the shape flex attention's GPU kernels were
+    checked at (tests/train/test_packing_kernels.py); saved as safetensors so it loads in NF4."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=128, vocab_size=512, tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("gpu_llama")
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 @pytest.mark.skipif(not CUDA, reason="GPU only: flex attention has no CPU backward; Liger needs CUDA")
 @pytest.mark.parametrize("liger", [False, True], ids=["flex", "flex+liger-ce"])
-def test_gpu_flex_liger_layers_match_eager(tiny_llama_dir, liger):
+def test_gpu_flex_liger_layers_match_eager(gpu_llama_dir, liger):
     """The GPU profiles' kernels inside the region: NF4 (CUDA), flex attention, and Liger's fused
-    cross-entropy outside it; inductor on the GPU, bf16."""
+    cross-entropy outside it; inductor on the GPU, bf16, checkpointed (lean) and fixed rows."""
     if liger:
         pytest.importorskip("liger_kernel")
     batches = _batches(2, length=256, device="cuda")
     kwargs = {"device": "cuda", "dtype": torch.bfloat16, "attn": "flex_attention", "liger": liger}
-    ref = _train(_model(tiny_llama_dir, checkpointing=True, **kwargs), batches)
-    model = _model(tiny_llama_dir, checkpointing=True, **kwargs)
+    ref = _train(_model(gpu_llama_dir, checkpointing=True, **kwargs), batches)
+    model = _model(gpu_llama_dir, checkpointing=True, **kwargs)
     compile_regions.compile_decoder_layers(model, dynamic=False, backend="inductor")
     got = _train(model, batches)
-    _assert_same_training(ref, got, loss_rtol=2e-2, grad_atol=5e-2, grad_rtol=5e-2)  # bf16 rounding
+    # bf16: fused kernels round differently, so losses within 1% and each gradient within 5% (relative norm)
+    for step, (a, b) in enumerate(zip(ref[0], got[0], strict=True)):
+        assert abs(a - b) <= 1e-2 * abs(a), f"step {step + 1}: loss {b} vs eager {a}"
+    for step, (ga, gb) in enumerate(zip(ref[1], got[1], strict=True)):
+        assert ga.keys() == gb.keys() and ga
+        for name in ga:
+            err = (gb[name] - ga[name]).norm() / ga[name].norm().clamp_min(1e-12)
+            assert err < 5e-2, f"step {step + 1}: {name} differs by {err:.2%} (relative norm)"
     stats = compile_regions.compile_stats()
     assert stats["region_graphs"] == 1 and stats["region_graph_breaks"] == 0, stats
