@@ -52,7 +52,8 @@ def fresh_dynamo():
 
 def _model(path, *, checkpointing: bool, device="cpu", dtype=torch.float32, attn="sdpa", liger=False):
     """The trainer's model build in small: NF4 base, checkpointing, LoRA (non-zero B), fused forward."""
-    model = load_causal_lm(path, quantize_4bit=True, dtype=dtype, device_map={"": device}, attn_implementation=attn)
+    model = load_causal_lm(path, quantize_4bit=True, dtype=dtype, device_map={"": 0 if device == "cuda" else device},
+                           attn_implementation=attn)
     if device == "cpu":
         backends.keep_cpu_4bit_layout_trainable(model)
     if liger:
