@@ -8,7 +8,9 @@ Rules every caller gets for free:
 - batches are LEFT padded, so every prompt ends at the same position and the first generated token
   follows the prompt directly (right padding would put pad tokens between prompt and answer);
 - greedy decoding by default; a GenerationConfig is built from `GenerationSettings` alone, so the
-  checkpoint's own generation_config.json cannot silently change the decoding.
+  checkpoint's own generation_config.json cannot silently change the decoding;
+- an optional `stop()` (training's signal flag) ends generation at the next token and starts no
+  further batch; the batch it cut is not returned (its answers are incomplete).
 
 Loading (merged folder, or base + adapter) is the inference stage's (`hai_medqa.inference.generation`).
 """
@@ -158,6 +160,19 @@ class TextSink:
             self._emitted = len(text)
 
 
+def stop_criteria(stop: Callable[[], bool]):
+    """A transformers StoppingCriteriaList that ends every row at the next token once `stop()` is true
+    (checked once per generated token, on the host: a flag read, no device sync of its own)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _StopWhen(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+            # transformers ANDs "not done" per row: a bool per row, all True ends the batch
+            return torch.full((input_ids.shape[0],), bool(stop()), device=input_ids.device, dtype=torch.bool)
+
+    return StoppingCriteriaList([_StopWhen()])
+
+
 def batch_plan(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Which prompts go together: longest first (less padding), `batch_size` per batch.
 
@@ -183,13 +198,17 @@ def iter_generate_ids(
     skip: Callable[[int], bool] | None = None,
     progress: bool = False,
     stream: Callable[[str], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[list[tuple[int, list[int]]]]:
     """Generate batch by batch (`batch_plan`), yielding ``[(prompt index, generated ids), ...]`` per batch.
 
     Each id list ends with the EOS id when the model stopped by itself (no padding). Batches whose
     every prompt `skip` accepts are not generated (a resumed run); a batch with any prompt left is
     generated whole, so its answers are those of an uninterrupted run. `stream` (one prompt only)
-    receives text pieces as they are generated.
+    receives text pieces as they are generated. `stop` (e.g. training's "a signal arrived"): checked
+    before each batch and after every generated token; once true the iteration ends without yielding
+    the batch it cut short, so whatever was yielded is complete (callers ask `stop()` themselves
+    whether everything was answered).
     """
     if not prompts:
         return
@@ -203,13 +222,18 @@ def iter_generate_ids(
     batches = batch_plan([len(e) for e in encoded], batch_size)
     todo = [b for b in batches if skip is None or not all(skip(i) for i in b)]
     device = lm.device
+    criteria = stop_criteria(stop) if stop is not None else None
     for batch in tqdm(todo, desc="generating", unit="batch", disable=not progress):
+        if stop is not None and stop():
+            return
         enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, return_tensors="pt")
         enc = {k: v.to(device) for k, v in enc.items()}
         if settings.do_sample:
             torch.manual_seed(settings.seed)
         streamer = TextSink(tokenizer, stream) if stream is not None else None
-        out = lm.model.generate(**enc, generation_config=gen_config, streamer=streamer)
+        out = lm.model.generate(**enc, generation_config=gen_config, streamer=streamer, stopping_criteria=criteria)
+        if stop is not None and stop():  # cut short (or may have been): not a complete answer
+            return
         rows = out[:, enc["input_ids"].shape[1] :].tolist()
         # after a row's EOS, generate() fills it with padding until the batch is done: cut there
         yield [(i, row[: row.index(eos_id) + 1] if eos_id in row else row) for i, row in zip(batch, rows, strict=True)]
@@ -223,13 +247,16 @@ def generate_ids(
     batch_size: int = 8,
     progress: bool = False,
     stream: Callable[[str], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[list[int]]:
     """Generated token ids per rendered prompt (text ending in ``[|assistant|]``), in input order
-    (`iter_generate_ids` collected; prompts batched longest-first and left padded)."""
+    (`iter_generate_ids` collected; prompts batched longest-first and left padded). With `stop`, a
+    prompt left unanswered when it turned true gets ``[]`` (a finished answer has at least one id)."""
     if batch_size < 1:
         raise InferenceError(f"batch_size must be >= 1, got {batch_size}")
     results: list[list[int]] = [[] for _ in prompts]
-    for batch in iter_generate_ids(lm, prompts, settings, batch_size=batch_size, progress=progress, stream=stream):
+    for batch in iter_generate_ids(lm, prompts, settings, batch_size=batch_size, progress=progress, stream=stream,
+                                   stop=stop):
         for i, ids in batch:
             results[i] = ids
     return results
@@ -248,7 +275,9 @@ def generate(
     batch_size: int = 8,
     progress: bool = False,
     stream: Callable[[str], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[str]:
-    """Answer text per rendered prompt, in input order: `generate_ids` decoded by `decode_answer`."""
-    ids = generate_ids(lm, prompts, settings, batch_size=batch_size, progress=progress, stream=stream)
+    """Answer text per rendered prompt, in input order: `generate_ids` decoded by `decode_answer`
+    (with `stop`: see `generate_ids`; check `stop()` afterwards to know whether all were answered)."""
+    ids = generate_ids(lm, prompts, settings, batch_size=batch_size, progress=progress, stream=stream, stop=stop)
     return [decode_answer(lm, x) for x in ids]

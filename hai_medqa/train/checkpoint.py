@@ -78,6 +78,8 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     train_seconds: float = 0.0
+    eval_pending: bool = False
+    """A signal cut short the evaluation of `global_step`: --resume evaluates that step first."""
 
 
 # ---------------------------------------------------------------- the two calls

@@ -10,10 +10,16 @@ question, answer, reference) go to RUN/samples.jsonl and the trackers (run_recor
 
 Cost: sample_questions x sample_max_new_tokens decoding steps per evaluation; off by default on a
 CPU (`sample_count`), where it would dominate the demo's time.
+
+A stop signal (SIGTERM, Ctrl-C) ends the generation at the next token (``stop`` in
+hai_medqa.model.generate): at 7.8B the four answers take about a minute, longer than the 30 s a
+scheduler waits before SIGKILL. An evaluation's answers cut short are not written at all (no rows
+for that step, one log line), so the table only ever holds complete answers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,9 +68,12 @@ def pick_questions(val_file: str | Path, n: int, system_prompt: str | None) -> l
 
 
 def answer_questions(model: Any, tokenizer: Any, token_ids: Any, questions: list[SampleQuestion], *,
-                     max_new_tokens: int) -> list[str]:
+                     max_new_tokens: int, stop: Callable[[], bool] | None = None) -> list[str] | None:
     """Greedy answers of `model` (a PEFT model, put in eval mode for the call and restored) to
-    `questions`, through chat.py's own generation path (one prompt per call: no padding)."""
+    `questions`, through chat.py's own generation path (one prompt per call: no padding).
+
+    `stop` (this process's "a signal arrived"): generation ends at the next token once it is true,
+    and the result is None (not every answer is complete)."""
     from hai_medqa.model.generate import GenerationSettings, LoadedModel, generate
 
     if not questions:
@@ -75,7 +84,8 @@ def answer_questions(model: Any, tokenizer: Any, token_ids: Any, questions: list
     try:
         lm = LoadedModel(model, tokenizer, {}, token_ids)
         prompts = [render(q.messages, add_generation_prompt=True) for q in questions]
-        return generate(lm, prompts, GenerationSettings(max_new_tokens=max_new_tokens), batch_size=1)
+        answers = generate(lm, prompts, GenerationSettings(max_new_tokens=max_new_tokens), batch_size=1, stop=stop)
+        return None if stop is not None and stop() else answers
     finally:
         tokenizer.padding_side = padding_side
         if was_training:
@@ -88,12 +98,17 @@ def sample_rows(step: int, questions: list[SampleQuestion], answers: list[str]) 
             for q, a in zip(questions, answers, strict=True)]
 
 
-def at_evaluation(trainer: Any) -> None:
+def at_evaluation(trainer: Any, stop: Any = None) -> None:
     """The trainer's evaluation hook: answer the fixed questions with the model as it is now and log
-    the rows (rank 0 only; skipped under FSDP, where every process would have to join each forward)."""
+    the rows (rank 0 only; skipped under FSDP, where every process would have to join each forward).
+
+    `stop`: the trainer's StopSignals. Rank 0 generates alone, so it reads its own flag (`seen`, no
+    collective) after every token; when a signal cuts the answers short nothing is written for this
+    step and one line says so (the trainer then saves its checkpoint at once)."""
     from loguru import logger
 
     from hai_medqa.chat_format import resolve_system_prompt
+    from hai_medqa.io_utils import fault_point
     from hai_medqa.run_folder import SAMPLES
 
     cfg, rt = trainer.cfg, trainer.runtime
@@ -109,7 +124,11 @@ def at_evaluation(trainer: Any) -> None:
     if questions is None:  # read once: the same questions at every evaluation
         questions = trainer._sample_questions = pick_questions(cfg.val_file, n, resolve_system_prompt(cfg.system_prompt))
     step = trainer.state.global_step
+    fault_point("train:sample_answers")  # fault-injection tests signal the run here (tests/train/test_signal_phases.py)
     answers = answer_questions(trainer.peft_model, trainer.tokenizer, trainer.chat_ids, questions,
-                               max_new_tokens=cfg.sample_max_new_tokens)
+                               max_new_tokens=cfg.sample_max_new_tokens, stop=stop.seen if stop is not None else None)
+    if answers is None:
+        logger.warning(f"sample answers at step {step} cut short by {stop.describe()}: none written for this step")
+        return
     trainer.record.log_samples(step, sample_rows(step, questions, answers))
     logger.info(f"{len(answers)} sample answers at step {step} -> {trainer.out / SAMPLES}")

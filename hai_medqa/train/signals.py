@@ -5,6 +5,12 @@
         if stop.requested(runtime):   # every process stops at the same step boundary
             save; return "interrupted"
 
+The checkpoint must be written within seconds whatever the run is doing: torchrun's agent (under
+``accelerate launch``) and SLURM (KillWait) send SIGKILL 30 s after SIGTERM. A step is short, but an
+evaluation or the sample answers can take a minute on a large model, so those check the flag as they
+go: the evaluation every round through `requested` (a collective: every process leaves together),
+the sample answers, which rank 0 generates alone, every token through `seen` (local, no collective).
+
 A second Ctrl-C raises KeyboardInterrupt at once (abort without saving). The previous handlers come
 back when the block ends (outside training, `hai_medqa.cli.run_cli` turns the same signals into an
 interrupt). Outside the main thread (no handlers can be set) nothing is installed.
@@ -48,9 +54,19 @@ class StopSignals:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         self.received = signum
-        logger.warning(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting "
-                       "(Ctrl-C again to abort without saving)")
+        logger.warning(f"received {signal.Signals(signum).name}: saving a checkpoint after this step (an evaluation "
+                       "or sample answers under way stop at once), then exiting (Ctrl-C again to abort without saving)")
+
+    def seen(self) -> bool:
+        """Whether this process received a signal (local: no collective; cheap enough for every token)."""
+        return self.received is not None
+
+    def describe(self) -> str:
+        """The signal for a log line: ``SIGTERM``, or ``a signal to another process`` on a process that
+        only learned of it through `requested`."""
+        return signal.Signals(self.received).name if self.received is not None else "a signal to another process"
 
     def requested(self, runtime: Any) -> bool:
-        """Whether any process received a signal (a collective under several processes)."""
-        return runtime.any_process(self.received is not None)
+        """Whether any process received a signal (a collective under several processes: every process
+        must call it at the same point, and all get the same answer)."""
+        return runtime.any_process(self.seen())

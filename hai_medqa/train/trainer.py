@@ -115,8 +115,19 @@ class Trainer:
         return self._finish(status, t_start)
 
     def _loop(self, stop: StopSignals) -> str:
-        """plan -> step -> log -> evaluate/save -> stop, one optimizer step per turn; how it ended."""
+        """plan -> step -> log -> evaluate/save -> stop, one optimizer step per turn; how it ended.
+
+        A signal is acted on within seconds in any phase (torchrun's agent and SLURM send SIGKILL 30 s
+        after SIGTERM): a step finishes, an evaluation or its sample answers stop where they are, and
+        the checkpoint is saved. An evaluation cut short is done again first thing on --resume."""
         cfg, st = self.cfg, self.state
+        if st.eval_pending and self.val_ds is not None:  # a signal cut this step's evaluation short
+            if self._evaluate_and_keep_best(stop):
+                self.save_checkpoint()
+                return "early_stopped"
+            self.save_checkpoint()  # the same step, now with its evaluation (a later resume must not redo it)
+            if stop.requested(self.runtime):
+                return "interrupted"
         while st.global_step < self.total_steps and (cfg.max_steps or st.epoch < cfg.num_epochs):
             steps = self.epoch_steps(st.epoch)  # plan: the epoch's optimizer steps (lists of micro-batches)
             while st.step_in_epoch < len(steps) and st.global_step < self.total_steps:
@@ -132,7 +143,7 @@ class Trainer:
                 done = st.global_step >= self.total_steps or (
                     not cfg.max_steps and st.epoch == cfg.num_epochs - 1 and st.step_in_epoch == len(steps))
                 evaluate_now = self.val_ds is not None and (st.global_step % cfg.eval_steps == 0 or done)
-                if evaluate_now and self._evaluate_and_keep_best():  # evaluate (adapter_best), early stop
+                if evaluate_now and self._evaluate_and_keep_best(stop):  # evaluate (adapter_best), early stop
                     self.save_checkpoint()
                     return "early_stopped"
                 if stop.requested(self.runtime):  # stop: every process at the same step
@@ -181,14 +192,23 @@ class Trainer:
             rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.runtime.device) / 2**30, 2)
         return rec
 
-    def _evaluate_and_keep_best(self) -> bool:
-        """Evaluate, write adapter_best on improvement; True when early stopping ends the run."""
+    def _evaluate_and_keep_best(self, stop: StopSignals | None = None) -> bool:
+        """Evaluate, write adapter_best on improvement; True when early stopping ends the run.
+
+        A signal during the evaluation leaves no trace of it (no eval line, adapter_best untouched,
+        `eval_pending` set for --resume); during the sample answers, none are written for this step."""
         cfg, st = self.cfg, self.state
-        ev = self.evaluate()
+        ev = self.evaluate(stop)
+        if ev is None:
+            st.eval_pending = True
+            logger.warning(f"evaluation at step {st.global_step} cut short by {stop.describe()}: not logged, "
+                           "adapter_best untouched; --resume evaluates this step again")
+            return False
+        st.eval_pending = False
         improved = st.best_val_loss is None or ev["val_loss"] < st.best_val_loss - cfg.early_stopping_min_delta
         note = " (best so far)" if improved else f" (best {st.best_val_loss:.4f} at step {st.best_step})"
         self.record.log_eval(st.global_step, ev["val_loss"], ev["val_ppl"], note)
-        sample_answers.at_evaluation(self)  # fixed validation questions answered greedily (samples.jsonl)
+        sample_answers.at_evaluation(self, stop)  # fixed validation questions answered greedily (samples.jsonl)
         if improved:
             st.best_val_loss, st.best_step, st.evals_without_improvement = ev["val_loss"], st.global_step, 0
             self.save_adapter(self.out / ADAPTER_BEST)
@@ -249,12 +269,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, stop: StopSignals | None = None) -> dict[str, float] | None:
         """Validation loss (mean cross-entropy over answer tokens) and answer-token perplexity.
 
         The loss comes from the final hidden states a chunk of positions at a time
         (eval_loss.summed_nll): like training on the GPU profiles, evaluation never holds the
-        [tokens x vocab] logits."""
+        [tokens x vocab] logits. With `stop`, every round first asks whether any process received a
+        signal (`stop.requested`, a collective, so all processes leave at the same round) and the
+        evaluation ends there with None."""
         assert self.val_ds is not None
         cfg, rt = self.cfg, self.runtime
         model = self.model
@@ -270,6 +292,11 @@ class Trainer:
         # result it drops, instead of leaving the others waiting.
         rounds = -(-len(plan) // rt.world_size)
         for k in tqdm(range(rounds), desc="eval", leave=False, disable=not rt.is_main):
+            if k == 0:
+                fault_point("train:evaluating")  # fault-injection tests signal the run here
+            if stop is not None and stop.requested(rt):
+                model.train()
+                return None
             mb = share[k] if k < len(share) else plan[0]
             nll = eval_loss.summed_nll(model, self.collate(self.val_ds, mb), head=head)
             if k < len(share):
