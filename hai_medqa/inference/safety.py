@@ -15,6 +15,13 @@ itself matches at least one of them (so a notice is shown when a message complet
 again on every later turn). A rule marked ``suppress_answer`` (requests for self-harm methods) makes
 the caller show only the guidance and no model answer.
 
+Beside the rules runs a small trained classifier (``safety_classifier.py``, weights in
+``safety_classifier.json``, trained by ``python -m hai_medqa.inference.safety_train``): a category
+fires when the rules OR the classifier fire, so the rules are a floor and the classifier adds the
+wording the rules never anticipated. Its hits carry the rule name ``classifier:<head>``; its
+``self_harm_method`` head shows the self-harm notice and withholds the answer like a method rule.
+``SafetyLayer(classifier=False)`` gives the rules alone.
+
 What the layer adds is presentation: guidance before the model's text, a short disclaimer after it.
 The model's own text is kept separately (chat history and evaluation use that), so the safety text
 never leaks into the next turn's prompt or into metrics. kiwipiepy is loaded once per process, on

@@ -1,6 +1,7 @@
 """Recall and false-alarm rate of the chat safety layer on the evaluation sets, per category.
 
     python -m hai_medqa.inference.safety_eval [--output outputs/safety_eval/safety_eval.json] [--check-targets]
+        [--rules-only | --classifier WEIGHTS.json]
 
 Every set is measured on its own (default: the main set in ``hai_medqa/resources/safety_eval/`` and
 each ``round*/`` folder under it, see its README; ``--data-dir`` picks others). A set holds single user messages and
@@ -9,8 +10,9 @@ must be withheld (``suppress``). A positive dialogue is judged at its last user 
 item counts as a false alarm if anything fires at ANY of its user turns. Figures come with a Wilson
 95% interval because the groups are small (50-odd items: one miss moves recall by ~2 points).
 
-Writes a JSON file (figures, targets, every miss, the judgement calls one by one, file hashes) and
-prints a markdown table. ``--check-targets`` exits with status 3 when a target is missed.
+The detector measured is the chat's: the rules OR the trained classifier (``--rules-only`` measures
+the rules alone, ``--classifier`` another weights file). Writes a JSON file (figures, targets, every
+miss, the judgement calls one by one, file hashes) and prints a markdown table. ``--check-targets`` exits with status 3 when a target is missed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 from hai_medqa.errors import HaiMedQAError
 from hai_medqa.inference.safety import DEFAULT_RULES_PATH, SafetyLayer, lemma_view
+from hai_medqa.inference.safety_classifier import DEFAULT_WEIGHTS_PATH
 from hai_medqa.io_utils import sha256_file, write_json
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "resources" / "safety_eval"
@@ -294,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "every round*/ folder under it)")
     p.add_argument("--rules", help="safety rules file (default: the bundled safety_keywords.json)")
     p.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON file to write the figures to")
+    detector = p.add_mutually_exclusive_group()
+    detector.add_argument("--rules-only", action="store_true", help="measure the rules without the trained classifier")
+    detector.add_argument("--classifier", help="safety classifier weights file (default: the bundled one)")
     p.add_argument("--check-targets", action="store_true",
                    help=f"exit with status {EXIT_TARGET_MISSED} when a target is missed")
     return p
@@ -321,12 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(names)) != len(names):
         raise SafetyEvalError(f"two evaluation sets share a name: {', '.join(names)}")
     sets = {name: load_items(d) for name, d in zip(names, data_dirs, strict=True)}  # every set checked first
-    layer = SafetyLayer(rules_path)
+    classifier_path = None if args.rules_only else Path(args.classifier) if args.classifier else DEFAULT_WEIGHTS_PATH
+    layer = SafetyLayer(rules_path, classifier=False if classifier_path is None else classifier_path)
     started = time.perf_counter()
     lemma_view("가슴이 아파요")  # load kiwipiepy once, so the per-turn figure below is the steady state
     load_s = time.perf_counter() - started
     report: dict[str, Any] = {
         "rules": {"path": rules_path.name, "sha256": sha256_file(rules_path), "window_user_turns": layer.window_user_turns},
+        "classifier": None if classifier_path is None else {
+            "path": classifier_path.name, "sha256": sha256_file(classifier_path),
+            "thresholds": dict(zip(("emergency", "self_harm", "self_harm_method"), layer.classifier.thresholds,
+                                   strict=True)),
+            "trained_on_eval_sets": (layer.classifier.meta.get("training") or {}).get("eval_sets_trained_on")},
+        "detector": "rules" if classifier_path is None else "rules OR classifier",
         "targets": {name: f"{op} {bound:.0%}" for name, (op, bound) in TARGETS.items()},
         "kiwipiepy_load_s": round(load_s, 2),
         "sets": {},
@@ -337,8 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         n_turns = sum(1 for it in items for m in it.messages if m["role"] == "user")
         results["ms_per_assessed_turn"] = round(1000 * (time.perf_counter() - started) / max(n_turns, 1), 2)
         results["data"] = {"dir": name, **{f: sha256_file(data_dir / f) for f in DATA_FILES}}
+        trained_on = (report["classifier"] or {}).get("trained_on_eval_sets") or []
+        results["classifier_trained_on_this_set"] = name in trained_on
+        if name in trained_on:
+            print(f"({name}: the classifier was trained on this set, so these figures are not held out)")
         report["sets"][name] = results
-        print(f"## {name}\n\n{format_markdown(results)}\n")
+        print(f"## {name} ({report['detector']})\n\n{format_markdown(results)}\n")
         for target_name, target in results["targets"].items():
             print(f"{name} {target_name}: {target['value']:.1%} (target {target['target']}): "
                   f"{'met' if target['met'] else 'MISSED'}")

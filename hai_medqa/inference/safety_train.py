@@ -11,10 +11,10 @@ Training data:
   ``hai_medqa/resources/safety_eval/README.md``), judgement items left out.
 
 Each message also gets deterministic noisy copies (spacing removed or shifted, common typos,
-trailing ㅠㅠ / !! / ?), at a lower weight, in the same cross-validation group as its original.
+trailing ㅠㅠ / !! / ?), at a lower weight, in the same cross-validation group as its original
+(a group is one corpus line, or one evaluation item, with its copies and its dialogue prefixes).
 Three logistic-regression heads are fitted jointly by full-batch Adam (fixed steps, fixed seed,
-numpy only). Grouped k-fold cross-validation (a section of paraphrases or an evaluation item is one
-group) gives out-of-fold scores, which fit each head's Platt calibration and choose its threshold:
+numpy only). Grouped k-fold cross-validation gives out-of-fold scores, which fit each head's Platt calibration and choose its threshold:
 the lowest threshold whose out-of-fold false-alarm rate on ordinary messages stays within the budget.
 The final model is trained on everything; the file records the data files' SHA-256, the seed, the
 settings, the thresholds and the cross-validated figures (classifier alone, and rules OR classifier).
@@ -51,18 +51,18 @@ RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 DEFAULT_CORPUS_DIR = RESOURCES / "safety_train"
 EVAL_DIR = RESOURCES / "safety_eval"
 # evaluation sets folded into training (each was run once as a held-out measure before; README record)
-TRAIN_EVAL_SETS = ("main", "round2", "round3", "round4")
+TRAIN_EVAL_SETS = ("main", "round2", "round3", "round4", "round5")
 SEED = 20261130
 FOLDS = 5
 STEPS = 300
 LEARNING_RATE = 0.05
 L2 = 2e-5
 AUGMENT_WEIGHT = 0.5
-MIN_FEATURE_COUNT = 2
-WEIGHT_DECIMALS = 5
-# out-of-fold false-alarm budget per head on ordinary messages (the issue's target is 5% for the
-# rules and the classifier together; the rules add their own)
-FA_BUDGET = {"emergency": 0.015, "self_harm": 0.015, "self_harm_method": 0.01}
+MIN_FEATURE_GROUPS = 2
+WEIGHT_DECIMALS = 4
+# out-of-fold false alarms each head may ADD to the rules' own, as a share of ordinary messages (the
+# method head: of all messages that are no method request); the issue's target is 5% for everything
+FA_BUDGET = {"emergency": 0.012, "self_harm": 0.012, "self_harm_method": 0.004}
 LABELS = ("emergency", "self_harm", "self_harm_method", "none")
 TURN_SEPARATOR = "||"
 _SECTION = re.compile(r"^##\s*([A-Za-z0-9_.-]+)\s*:\s*(.+?)\s*$")
@@ -115,10 +115,12 @@ def read_corpus_file(path: Path) -> list[Example]:
             turns = tuple(t.strip() for t in line.split(TURN_SEPARATOR))
             if any(not t for t in turns):
                 raise SafetyTrainError(f"{path}:{lineno}: an empty turn")
+            # one CV group per line (with its noisy copies and, for a dialogue, its prefixes)
+            group = f"{section}#{lineno}"
             if any(y) or len(turns) == 1:
-                examples.append(Example(turns, y, section))
+                examples.append(Example(turns, y, group))
             else:  # an ordinary dialogue: no turn may fire, so every prefix is a negative
-                examples.extend(Example(turns[: k + 1], y, section) for k in range(len(turns)))
+                examples.extend(Example(turns[: k + 1], y, group) for k in range(len(turns)))
     return examples
 
 
@@ -224,12 +226,17 @@ class Design:
                          for h in range(g.shape[1])], axis=1)
 
 
-def build_vocab(feature_dicts: Sequence[dict[str, float]], min_count: int = MIN_FEATURE_COUNT) -> list[str]:
-    counts: dict[str, int] = {}
-    for fd in feature_dicts:
+def build_vocab(feature_dicts: Sequence[dict[str, float]], groups: Sequence[str],
+                min_groups: int = MIN_FEATURE_GROUPS) -> list[str]:
+    """Features seen in at least `min_groups` CV groups (a feature of one sentence and its noisy copies
+    only is noise), sorted."""
+    seen: dict[str, set[str]] = {}
+    for fd, g in zip(feature_dicts, groups, strict=True):
         for f in fd:
-            counts[f] = counts.get(f, 0) + 1
-    return sorted(f for f, c in counts.items() if c >= min_count)
+            s = seen.setdefault(f, set())
+            if len(s) < min_groups:
+                s.add(g)
+    return sorted(f for f, s in seen.items() if len(s) >= min_groups)
 
 
 def design(feature_dicts: Sequence[dict[str, float]], vocab: dict[str, int]) -> Design:
@@ -302,12 +309,11 @@ def fold_of(group: str, folds: int, seed: int) -> int:
     return int.from_bytes(digest[:8], "big") % folds
 
 
-def choose_threshold(p: np.ndarray, positive: np.ndarray, ordinary: np.ndarray, budget: float) -> float:
-    """The lowest threshold whose false-alarm rate on `ordinary` rows stays within `budget`."""
-    neg = np.sort(p[ordinary])[::-1]
-    allowed = int(np.floor(budget * len(neg)))  # this many ordinary rows may fire
-    # the threshold must sit above the (allowed+1)-th highest ordinary score
-    bar = neg[allowed] if allowed < len(neg) else 0.0
+def choose_threshold(p: np.ndarray, positive: np.ndarray, negative: np.ndarray, max_false: int) -> float:
+    """The lowest threshold at which at most `max_false` of the `negative` rows reach it (so recall on
+    `positive` rows is as high as the false-alarm budget allows), clipped to [0.05, 0.99]."""
+    neg = np.sort(p[negative])[::-1]
+    bar = neg[max_false] if max_false < len(neg) else 0.0  # the threshold must sit above this score
     cand = np.sort(np.unique(p[positive & (p > bar)]))
     thr = float(cand[0]) if len(cand) else float(min(0.99, bar + 1e-6))
     return float(min(max(thr, 0.05), 0.99))
@@ -391,7 +397,8 @@ def train(corpus_dir: Path = DEFAULT_CORPUS_DIR, eval_sets: Sequence[str] = TRAI
     feats = [window_features(e.turns) for e in examples]
     y = np.array([e.y for e in examples], dtype=np.float64)
     sw = np.array([e.weight for e in examples])
-    fold = np.array([fold_of(e.group, folds, seed) for e in examples])
+    groups = [e.group for e in examples]
+    fold = np.array([fold_of(g, folds, seed) for g in groups])
     orig = np.array([e.original for e in examples])
     ordinary = orig & (y.sum(axis=1) == 0)
 
@@ -399,7 +406,7 @@ def train(corpus_dir: Path = DEFAULT_CORPUS_DIR, eval_sets: Sequence[str] = TRAI
     oof = np.zeros_like(y)
     for k in range(folds):
         tr = fold != k
-        vocab_list = build_vocab([feats[i] for i in np.flatnonzero(tr)])
+        vocab_list = build_vocab([feats[i] for i in np.flatnonzero(tr)], [groups[i] for i in np.flatnonzero(tr)])
         vocab = {f: i for i, f in enumerate(vocab_list)}
         x_tr = design([feats[i] for i in np.flatnonzero(tr)], vocab)
         w, b = fit_logistic(x_tr, y[tr], sw[tr], steps=steps)
@@ -407,23 +414,27 @@ def train(corpus_dir: Path = DEFAULT_CORPUS_DIR, eval_sets: Sequence[str] = TRAI
         oof[~tr] = x_te.dot(w) + b
         logger.info(f"fold {k + 1}/{folds}: {int(tr.sum())} train rows, {len(vocab_list)} features")
 
+    # the rules fire on some ordinary messages anyway: the classifier's budget counts only the others
+    rules = rules_matrix(examples) if with_rules else np.zeros((len(examples), 3), dtype=bool)
+    rules_fired = rules.any(axis=1)
     platt, thresholds, probs = [], [], np.zeros_like(oof)
     for h, head in enumerate(HEADS):
         a, bb = fit_platt(oof[:, h], y[:, h])
         platt.append([round(a, 6), round(bb, 6)])
         probs[:, h] = _sigmoid(a * oof[:, h] + bb)
-        # false alarms for the method head count on every non-method message (it withholds answers)
-        neg = ordinary if head != "self_harm_method" else (orig & (y[:, 2] == 0) & (y[:, 1] == 0))
-        thresholds.append(round(choose_threshold(probs[:, h], orig & (y[:, h] == 1), neg, FA_BUDGET[head]), 6))
+        # the method head withholds answers: its false alarms count on every message that is no request
+        neg = ordinary if head != "self_harm_method" else (orig & (y[:, 2] == 0))
+        max_false = int(np.floor(FA_BUDGET[head] * neg.sum()))
+        thresholds.append(round(choose_threshold(probs[:, h], orig & (y[:, h] == 1), neg & ~rules_fired, max_false), 6))
     fired = probs >= np.array(thresholds)
-    cv = {"folds": folds, "grouping": "section of paraphrases / evaluation item",
+    cv = {"folds": folds, "grouping": "one corpus line or evaluation item (with its noisy copies and dialogue prefixes)",
           "classifier_only": cv_figures(examples, fired)}
     if with_rules:
-        cv["rules_only"] = cv_figures(examples, np.zeros_like(fired), rules_matrix(examples))
-        cv["rules_or_classifier"] = cv_figures(examples, fired, rules_matrix(examples))
+        cv["rules_only"] = cv_figures(examples, np.zeros_like(fired), rules)
+        cv["rules_or_classifier"] = cv_figures(examples, fired, rules)
 
     # the final model: every example
-    vocab_list = build_vocab(feats)
+    vocab_list = build_vocab(feats, groups)
     vocab = {f: i for i, f in enumerate(vocab_list)}
     w, b = fit_logistic(design(feats, vocab), y, sw, steps=steps)
     w = np.round(w, WEIGHT_DECIMALS)
@@ -442,7 +453,7 @@ def train(corpus_dir: Path = DEFAULT_CORPUS_DIR, eval_sets: Sequence[str] = TRAI
             "eval_sets_trained_on": list(eval_sets),
             "examples": len(base), "examples_with_noisy_copies": len(examples), "examples_by_source": by_source,
             "settings": {"folds": folds, "steps": steps, "learning_rate": LEARNING_RATE, "l2": L2,
-                         "augment_weight": AUGMENT_WEIGHT, "min_feature_count": MIN_FEATURE_COUNT,
+                         "augment_weight": AUGMENT_WEIGHT, "min_feature_groups": MIN_FEATURE_GROUPS,
                          "fa_budget_per_head": FA_BUDGET, "weight_decimals": WEIGHT_DECIMALS},
         },
         "cv": cv,

@@ -472,14 +472,15 @@ def test_held_out_set_meets_the_targets(repo_root, tmp_path):
 
 
 def test_evaluation_reports_a_missed_target(tmp_path, capsys):
-    # a rules file that has lost its emergency rules must be caught by the command
+    # a rules file that has lost its emergency rules must be caught by the command (rules alone: the
+    # classifier beside them would catch most emergencies)
     def gut(d):
         d["categories"][0]["rules"] = [{"name": "nothing", "any": ["이런문장은없다"]}]
 
     rules = _write_rules_obj(gut)
     try:
         out = tmp_path / "eval.json"
-        rc = safety_eval.main(["--rules", rules, "--output", str(out), "--check-targets",
+        rc = safety_eval.main(["--rules", rules, "--rules-only", "--output", str(out), "--check-targets",
                                "--data-dir", str(safety_eval.DEFAULT_DATA_DIR)])
     finally:
         os.unlink(rules)
