@@ -38,12 +38,16 @@ from hai_medqa.model.generate import iter_generate_ids
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 STEPS, EVAL_AT = 3, 2
-LONG = 800
-"""sample_max_new_tokens of the signalled runs: two such answers take 8-12 s on the 2-core machine
-(the tiny model never stops early), so a run that finishes them cannot exit within EXIT_BOUND_S."""
-EXIT_BOUND_S = 6.0
-"""SIGTERM to exit, signalled runs: measured 0.6-1.5 s with the fix (a checkpoint and the summary), 9-14 s
-before it (both answers generated first) on the 2-core machine beside other jobs."""
+LONG = 2000
+"""sample_max_new_tokens of the signalled runs: the tiny model never stops early, so two such answers
+take ~15 s on the 2-core machine and a run that finishes them cannot exit within the bounds below."""
+EXIT_BOUND_S = 8.0
+"""SIGTERM to exit (less the fault pause), one process. Measured on the 2-core machine beside other jobs:
+2.0-2.1 s with the fix (the checkpoint, the summary and its plot, interpreter exit); 16.7-17.0 s before it
+(both answers generated first; 8.1-8.7 s with 800-token answers)."""
+EXIT_BOUND_2P_S = 12.0
+"""The same under ``accelerate launch`` with two processes, to the launcher's exit: 3.0-3.4 s with the
+fix, 28.4 s before it (torchrun's agent would SIGKILL at 30 s)."""
 WEIGHTS = "adapter_model.safetensors"
 
 
@@ -161,8 +165,9 @@ def test_sigterm_during_a_phase_saves_at_once_and_resumes_to_the_uninterrupted_r
             proc.kill()
     elapsed = time.monotonic() - sent
     paused = float(pause)
+    with capfd.disabled():
+        print(f"{phase}: {elapsed:.2f} s from SIGTERM to exit (fault pause {paused} s)")
     assert proc.returncode == 75, err[-3000:]
-    assert elapsed - paused < EXIT_BOUND_S, f"{elapsed:.1f} s from SIGTERM to exit (fault pause {paused} s)"
 
     assert (out / "checkpoints" / f"step_{EVAL_AT:07d}" / "optimizer.pt").is_file()
     assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["status"] == "interrupted"
@@ -178,6 +183,7 @@ def test_sigterm_during_a_phase_saves_at_once_and_resumes_to_the_uninterrupted_r
         assert not (out / "adapter_best").exists()  # ... and does not touch adapter_best
         assert f"evaluation at step {EVAL_AT} cut short by SIGTERM" in log
         assert "sample answers at step" not in log
+    assert elapsed - paused < EXIT_BOUND_S, f"{elapsed:.1f} s from SIGTERM to exit (fault pause {paused} s)"
 
     capfd.readouterr()
     resumed = [*_argv(tiny_exaone_dir, sample_jsonl, out, reference["cache"], max_new_tokens=8), "--resume"]
@@ -211,11 +217,12 @@ def test_two_processes_stop_together_while_rank_0_generates(tiny_exaone_dir, sam
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     elapsed = time.monotonic() - sent
+    print(f"two processes: {elapsed:.2f} s from SIGTERM to the launcher's exit")
     assert "forcefully exiting via 9" not in err, err[-3000:]
-    assert elapsed < EXIT_BOUND_S + 4, f"{elapsed:.1f} s from SIGTERM to the launcher's exit"
     ckpt = out / "checkpoints" / f"step_{EVAL_AT:07d}"
     assert sorted(p.name for p in ckpt.glob("rng_state_*.pt")) == ["rng_state_0.pt", "rng_state_1.pt"]
     assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["status"] == "interrupted"
     assert EVAL_AT not in _sample_steps(out)
     log = (out / "train.log").read_text(encoding="utf-8")
     assert f"sample answers at step {EVAL_AT} cut short by SIGTERM" in log
+    assert elapsed < EXIT_BOUND_2P_S, f"{elapsed:.1f} s from SIGTERM to the launcher's exit"
