@@ -101,15 +101,14 @@ def _kiwi():
 
 
 @functools.lru_cache(maxsize=4096)
-def lemma_view(text: str) -> str:
-    """The lemma view of `text`: space-separated morphemes, predicates in dictionary form (쉬다, and
-    the verb/adjective suffixes 하/되 as 하다/되다),
-    punctuation dropped, lower-case, padded with one space on each side (patterns match whole tokens
-    by writing `` 숨 `` with spaces)."""
+def analyse(text: str) -> tuple[tuple[str, str], ...]:
+    """kiwipiepy's morphemes of `text` as (word, tag): predicates in dictionary form (쉬다, and the
+    verb/adjective suffixes 하/되 as 하다/되다), punctuation and symbols dropped, lower-case. Shared
+    by the rules' lemma view and the classifier's features (one analysis per message)."""
     text = unicodedata.normalize("NFKC", text or "")
     if not text.strip():
-        return " "
-    tokens = []
+        return ()
+    out = []
     for tok in _kiwi().tokenize(text):
         if tok.tag in _DROPPED_TAGS:
             continue
@@ -119,8 +118,18 @@ def lemma_view(text: str) -> str:
             word = tok.form + "다"
         else:
             word = tok.form
-        tokens.append(word.translate(_JONGSEONG).lower())
-    return " " + " ".join(tokens) + " "
+        out.append((word.translate(_JONGSEONG).lower(), tok.tag))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def lemma_view(text: str) -> str:
+    """The lemma view of `text`: space-separated morphemes, predicates in dictionary form (쉬다, and
+    the verb/adjective suffixes 하/되 as 하다/되다),
+    punctuation dropped, lower-case, padded with one space on each side (patterns match whole tokens
+    by writing `` 숨 `` with spaces)."""
+    tokens = [word for word, _ in analyse(text)]
+    return " " + " ".join(tokens) + " " if tokens else " "
 
 
 @dataclass(frozen=True)

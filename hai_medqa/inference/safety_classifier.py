@@ -35,6 +35,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from hai_medqa.errors import HaiMedQAError
 
 DEFAULT_WEIGHTS_PATH = Path(__file__).with_name("safety_classifier.json")
@@ -42,11 +44,8 @@ HEADS = ("emergency", "self_harm", "self_harm_method")
 FORMAT = "hai_medqa.safety_classifier"
 FORMAT_VERSION = 1
 CHAR_NGRAMS = (2, 3, 4)
-# kiwipiepy tags dropped from the morpheme features (punctuation, symbols; the text view keeps them)
-_DROPPED_TAGS = frozenset({"SF", "SP", "SS", "SSO", "SSC", "SE", "SO", "SW", "SB", "UN", "W_EMOJI"})
 # content morphemes: nouns, predicates, adverbs (안 / 못 negate), roots, foreign words, numbers
 _CONTENT_PREFIXES = ("NN", "NP", "NR", "VV", "VA", "VX", "VCN", "MAG", "XR", "SL", "SN", "MM")
-_JONGSEONG = str.maketrans({"\u11ab": "ㄴ", "\u11af": "ㄹ", "\u11b7": "ㅁ", "\u11b8": "ㅂ", "\u11bb": "ㅆ"})
 
 
 class SafetyClassifierError(HaiMedQAError, ValueError):
@@ -57,26 +56,11 @@ def _text_view(text: str) -> str:
     return "".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
-@functools.lru_cache(maxsize=4096)
 def _morphemes(text: str) -> tuple[tuple[str, bool], ...]:
-    """(lemma, is_content) per kept kiwipiepy token of `text`."""
-    from hai_medqa.inference.safety import _kiwi  # the one Kiwi instance of the process
+    """(lemma, is_content) per kept kiwipiepy morpheme of `text` (the analysis the rules use too)."""
+    from hai_medqa.inference.safety import analyse  # safety imports this module: import on use
 
-    text = unicodedata.normalize("NFKC", text or "")
-    if not text.strip():
-        return ()
-    out = []
-    for tok in _kiwi().tokenize(text):
-        if tok.tag in _DROPPED_TAGS:
-            continue
-        if tok.tag.startswith("V"):
-            word = tok.lemma
-        elif tok.tag.startswith(("XSV", "XSA")):
-            word = tok.form + "다"
-        else:
-            word = tok.form
-        out.append((word.translate(_JONGSEONG).lower(), tok.tag.startswith(_CONTENT_PREFIXES)))
-    return tuple(out)
+    return tuple((word, tag.startswith(_CONTENT_PREFIXES)) for word, tag in analyse(text))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -136,7 +120,7 @@ class SafetyClassifier:
     def __init__(self, vocab: dict[str, int], weights: list[list[float]], bias: list[float],
                  platt: list[list[float]], thresholds: list[float], meta: dict):
         self.vocab = vocab
-        self.weights = weights  # one row per feature: a weight per head
+        self.weights = np.asarray(weights, dtype=np.float64).reshape(len(vocab), len(HEADS))  # a row per feature
         self.bias = bias
         self.platt = platt  # (a, b) per head: p = sigmoid(a * z + b)
         self.thresholds = thresholds
@@ -186,14 +170,16 @@ class SafetyClassifier:
     # ---- scoring ----
     def raw_scores(self, turns: Sequence[str]) -> list[float]:
         """The linear score of each head for a window of user messages."""
-        z = list(self.bias)
+        idx, values = [], []
         for feat, value in window_features(turns).items():
-            idx = self.vocab.get(feat)
-            if idx is not None:
-                row = self.weights[idx]
-                for h in range(len(z)):
-                    z[h] += value * row[h]
-        return z
+            i = self.vocab.get(feat)
+            if i is not None:
+                idx.append(i)
+                values.append(value)
+        z = np.asarray(self.bias, dtype=np.float64)
+        if idx:
+            z = z + np.asarray(values) @ self.weights[idx]
+        return [float(v) for v in z]
 
     def scores(self, turns: Sequence[str]) -> dict[str, float]:
         """Calibrated probability per head for a window of user messages."""
