@@ -28,6 +28,8 @@ the model card / the Hub upload             `hai_medqa.publish.model_card.ModelC
 chat / evaluation flags, model loading,     `hai_medqa.inference.generation.InferenceError`
 resumable outputs
 the safety keyword file                     `hai_medqa.inference.safety.SafetyConfigError`
+the safety classifier's weights / corpus    `hai_medqa.inference.safety_classifier.SafetyClassifierError`
+                                            (`inference.safety_train.SafetyTrainError`: its corpus)
 a KorMedMCQA download                       `hai_medqa.evaluation.kormedmcqa.KorMedMCQAError`
 ==========================================  =====================================================
 
