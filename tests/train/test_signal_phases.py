@@ -43,11 +43,11 @@ LONG = 2000
 take ~15 s on the 2-core machine and a run that finishes them cannot exit within the bounds below."""
 EXIT_BOUND_S = 8.0
 """SIGTERM to exit (less the fault pause), one process. Measured on the 2-core machine beside other jobs:
-2.0-2.1 s with the fix (the checkpoint, the summary and its plot, interpreter exit); 16.7-17.0 s before it
+2.0-2.5 s with the fix (the checkpoint, the summary and its plot, interpreter exit); 16.7-18.8 s before it
 (both answers generated first; 8.1-8.7 s with 800-token answers)."""
 EXIT_BOUND_2P_S = 12.0
-"""The same under ``accelerate launch`` with two processes, to the launcher's exit: 3.0-3.4 s with the
-fix, 28.4 s before it (torchrun's agent would SIGKILL at 30 s)."""
+"""The same under ``accelerate launch`` with two processes, to the launcher's exit: 2.3-3.5 s with the
+fix, 28.1-28.4 s before it (torchrun's agent would SIGKILL at 30 s)."""
 WEIGHTS = "adapter_model.safetensors"
 
 
@@ -72,6 +72,10 @@ def _evals(out: Path) -> list[tuple[int, float]]:
 
 def _sample_steps(out: Path) -> list[int]:
     return [r["step"] for r in _lines(out / "samples.jsonl")]
+
+
+def _snapshot(*roots: Path) -> dict[str, str]:
+    return {str(f): sha256_file(f) for root in roots for f in sorted(Path(root).rglob("*")) if f.is_file()}
 
 
 # ------------------------------------------------------------------ generation
@@ -157,6 +161,7 @@ def test_sigterm_during_a_phase_saves_at_once_and_resumes_to_the_uninterrupted_r
     point, pause = PHASES[phase]
     out = tmp_path / "run"
     argv = _argv(tiny_exaone_dir, sample_jsonl, out, reference["cache"], max_new_tokens=LONG)
+    inputs = _snapshot(tiny_exaone_dir, sample_jsonl["train"].parent)
     proc, sent = _signal_at(point, pause, [sys.executable, "S_F2.py", *argv], tmp_path)
     try:
         _, err = proc.communicate(timeout=120)
@@ -169,6 +174,9 @@ def test_sigterm_during_a_phase_saves_at_once_and_resumes_to_the_uninterrupted_r
         print(f"{phase}: {elapsed:.2f} s from SIGTERM to exit (fault pause {paused} s)")
     assert proc.returncode == 75, err[-3000:]
 
+    assert _snapshot(tiny_exaone_dir, sample_jsonl["train"].parent) == inputs  # 18 files: model and data
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{EVAL_AT:07d}"]  # no partial left
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert (out / "checkpoints" / f"step_{EVAL_AT:07d}" / "optimizer.pt").is_file()
     assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["status"] == "interrupted"
     assert EVAL_AT not in _sample_steps(out)  # no rows for the step whose answers were cut short
@@ -210,6 +218,7 @@ def test_two_processes_stop_together_while_rank_0_generates(tiny_exaone_dir, sam
     argv = _argv(tiny_exaone_dir, sample_jsonl, out, reference["cache"], max_new_tokens=LONG)
     cmd = [str(ACCELERATE), "launch", "--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml"),
            "--num_processes", "2", "--main_process_port", "0", str(REPO / "S_F2.py"), *argv]
+    inputs = _snapshot(tiny_exaone_dir, sample_jsonl["train"].parent)
     proc, sent = _signal_at("train:sample_answers", "0", cmd, tmp_path)
     try:
         _, err = proc.communicate(timeout=120)
@@ -219,6 +228,9 @@ def test_two_processes_stop_together_while_rank_0_generates(tiny_exaone_dir, sam
     elapsed = time.monotonic() - sent
     print(f"two processes: {elapsed:.2f} s from SIGTERM to the launcher's exit")
     assert "forcefully exiting via 9" not in err, err[-3000:]
+    assert _snapshot(tiny_exaone_dir, sample_jsonl["train"].parent) == inputs
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{EVAL_AT:07d}"]  # no partial left
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     ckpt = out / "checkpoints" / f"step_{EVAL_AT:07d}"
     assert sorted(p.name for p in ckpt.glob("rng_state_*.pt")) == ["rng_state_0.pt", "rng_state_1.pt"]
     assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["status"] == "interrupted"
