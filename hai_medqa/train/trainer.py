@@ -125,7 +125,7 @@ class Trainer:
             if self._evaluate_and_keep_best(stop):
                 self.save_checkpoint()
                 return "early_stopped"
-            self.save_checkpoint()  # the same step, now with its evaluation (a later resume must not redo it)
+            self.save_checkpoint()  # the same step with its evaluation done (or still pending if cut again)
             if stop.requested(self.runtime):
                 return "interrupted"
         while st.global_step < self.total_steps and (cfg.max_steps or st.epoch < cfg.num_epochs):
