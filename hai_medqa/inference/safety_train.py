@@ -391,6 +391,7 @@ def train(corpus_dir: Path = DEFAULT_CORPUS_DIR, eval_sets: Sequence[str] = TRAI
           folds: int = FOLDS, steps: int = STEPS, with_rules: bool = True) -> dict:
     """The weights file's content (a JSON-ready dict), trained and cross-validated deterministically."""
     started = time.perf_counter()
+    hashes = data_hashes(corpus_dir, eval_sets)  # before reading: what the file records is what was read
     base = load_training_examples(corpus_dir, eval_sets)
     examples = augment(base, seed)
     logger.info(f"{len(base)} examples ({len(examples)} with noisy copies) from {corpus_dir} and {list(eval_sets)}")
@@ -449,7 +450,7 @@ def train(corpus_dir: Path = DEFAULT_CORPUS_DIR, eval_sets: Sequence[str] = TRAI
         "seed": seed,
         "training": {
             "command": "python -m hai_medqa.inference.safety_train",
-            "data_sha256": data_hashes(corpus_dir, eval_sets),
+            "data_sha256": hashes,
             "eval_sets_trained_on": list(eval_sets),
             "examples": len(base), "examples_with_noisy_copies": len(examples), "examples_by_source": by_source,
             "settings": {"folds": folds, "steps": steps, "learning_rate": LEARNING_RATE, "l2": L2,
