@@ -22,6 +22,13 @@ wording the rules never anticipated. Its hits carry the rule name ``classifier:<
 ``self_harm_method`` head shows the self-harm notice and withholds the answer like a method rule.
 ``SafetyLayer(classifier=False)`` gives the rules alone.
 
+Rule matches on *informational* messages (the rules file's ``informational`` patterns: questions
+about causes, differences, statistics, prevention, hearsay, fiction or past events, and none of its
+``situation`` patterns: no first person, no "지금 / 방금 / 우리 아이") are vetoed when the classifier
+scores the window low for that category (below the weights file's ``rule_veto`` thresholds, chosen by
+cross-validation so that no rule-caught positive of the training data is vetoed). A first-person
+present statement ("숨이 안 쉬어져요", "죽고 싶어요") is never vetoed: the rules stay its floor.
+
 What the layer adds is presentation: guidance before the model's text, a short disclaimer after it.
 The model's own text is kept separately (chat history and evaluation use that), so the safety text
 never leaks into the next turn's prompt or into metrics. kiwipiepy is loaded once per process, on
@@ -292,6 +299,7 @@ class SafetyLayer:
         self.enabled = enabled
         self.rules_path = Path(rules_path) if rules_path is not None else DEFAULT_RULES_PATH
         self.categories, self.disclaimer, self.withheld_answer, self.window_user_turns = self._load(self.rules_path)
+        self._informational, self._situation = self._load_informational(self.rules_path)
         # the trained classifier beside the rules (rules are the floor: a category fires if either does);
         # True = the bundled weights, False = rules only, a path = that weights file
         self.classifier: SafetyClassifier | None = None
@@ -340,6 +348,32 @@ class SafetyLayer:
             categories.append(_Category(name, message.strip(), rules))
         return tuple(categories), texts["disclaimer"], texts["withheld_answer"], window
 
+    @staticmethod
+    def _load_informational(path: Path) -> tuple[tuple[_Pattern, ...], tuple[_Pattern, ...]]:
+        """The optional ``informational`` block: ``cue`` patterns (a question about a topic, hearsay,
+        fiction, a past event) and ``situation`` patterns (first person, now: never vetoed)."""
+        data = json.loads(path.read_text(encoding="utf-8"))
+        block = data.get("informational")
+        if block is None:
+            return (), ()
+        if not isinstance(block, dict) or set(block) - {"cue", "situation", "note"}:
+            raise SafetyConfigError(f"{path}: 'informational' must be an object with 'cue' and 'situation' lists")
+        terms = _expand_terms(data.get("terms", {}) or {}, path)
+        out = []
+        for key in ("cue", "situation"):
+            patterns = block.get(key) or []
+            if not isinstance(patterns, list):
+                raise SafetyConfigError(f"{path}: informational.{key} must be a list")
+            out.append(tuple(_compile(p, terms, path, f"informational.{key}[{i}]") for i, p in enumerate(patterns)))
+        return out[0], out[1]
+
+    def is_informational(self, message: str) -> bool:
+        """True when `message` reads as a question about a topic (a cue of the rules file's
+        ``informational`` block) and not as a present situation (none of its ``situation`` patterns)."""
+        turn = _Turn(message)
+        return (any(p.search(turn) is not None for p in self._informational)
+                and not any(p.search(turn) is not None for p in self._situation))
+
     @property
     def category_names(self) -> list[str]:
         """Category names in file order (e.g. ``['emergency', 'self_harm']``)."""
@@ -360,6 +394,8 @@ class SafetyLayer:
                     hits.append(SafetyHit(cat.name, rule.name, snippet, rule.suppress_answer))
         if self.classifier is not None:
             verdict = self.classifier.assess([t.content for t in turns])
+            if hits and self.classifier.rule_veto and self.is_informational(turns[-1].content):
+                hits = [h for h in hits if not self.classifier.vetoes(h.category, h.suppress_answer, verdict.scores)]
             for head in verdict.fired:  # a method request shows the self-harm notice and withholds the answer
                 category = "self_harm" if head == "self_harm_method" else head
                 hits.append(SafetyHit(category, f"{CLASSIFIER_RULE_PREFIX}{head}", f"p={verdict.scores[head]:.2f}",

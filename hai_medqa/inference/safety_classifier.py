@@ -118,13 +118,16 @@ class SafetyClassifier:
     """Logistic-regression heads over the window's features, loaded from a JSON weights file."""
 
     def __init__(self, vocab: dict[str, int], weights: list[list[float]], bias: list[float],
-                 platt: list[list[float]], thresholds: list[float], meta: dict):
+                 platt: list[list[float]], thresholds: list[float], meta: dict,
+                 rule_veto: dict[str, float] | None = None):
         self.vocab = vocab
         self.weights = np.asarray(weights, dtype=np.float64).reshape(len(vocab), len(HEADS))  # a row per feature
         self.bias = bias
         self.platt = platt  # (a, b) per head: p = sigmoid(a * z + b)
         self.thresholds = thresholds
         self.meta = meta
+        # per head: a rule hit on an informational message is dropped when this head scores below it
+        self.rule_veto = dict(rule_veto or {})
 
     # ---- loading ----
     @classmethod
@@ -165,7 +168,12 @@ class SafetyClassifier:
         if not (isinstance(platt, list) and len(platt) == k and all(
                 isinstance(p, list) and len(p) == 2 and all(_is_number(x) for x in p) for p in platt)):
             raise bad(f"'platt' must be a list of {k} [a, b] pairs")
-        return cls(vocab, weights, bias, platt, thresholds, {key: data.get(key) for key in ("training", "cv", "seed")})
+        veto = data.get("rule_veto")
+        if veto is not None and not (isinstance(veto, dict) and set(veto) <= set(HEADS) and all(
+                _is_number(v) and 0.0 <= v < 1.0 for v in veto.values())):
+            raise bad(f"'rule_veto' must map heads of {list(HEADS)} to numbers in [0, 1)")
+        return cls(vocab, weights, bias, platt, thresholds, {key: data.get(key) for key in ("training", "cv", "seed")},
+                   veto)
 
     # ---- scoring ----
     def raw_scores(self, turns: Sequence[str]) -> list[float]:
@@ -189,6 +197,12 @@ class SafetyClassifier:
         """Heads whose calibrated score reaches the threshold on this window."""
         s = self.scores(turns)
         return {h for h, t in zip(HEADS, self.thresholds, strict=True) if s[h] >= t}
+
+    def vetoes(self, category: str, suppress_answer: bool, scores: dict[str, float]) -> bool:
+        """Whether a rule hit of `category` (a method rule when `suppress_answer`) on an informational
+        message is dropped: every head it concerns scores below its ``rule_veto`` threshold."""
+        heads = [category] + (["self_harm_method"] if suppress_answer else [])
+        return all(h in self.rule_veto and scores.get(h, 1.0) < self.rule_veto[h] for h in heads)
 
     def assess(self, turns: Sequence[str]) -> ClassifierVerdict:
         """What fires at the latest of `turns` (the window, oldest first): a head fires when the latest

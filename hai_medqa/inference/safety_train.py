@@ -18,6 +18,9 @@ numpy only). Grouped k-fold cross-validation gives out-of-fold scores, which fit
 the lowest threshold whose out-of-fold false-alarm rate on ordinary messages stays within the budget.
 The final model is trained on everything; the file records the data files' SHA-256, the seed, the
 settings, the thresholds and the cross-validated figures (classifier alone, and rules OR classifier).
+The rules' veto on informational messages (``rule_veto``, see ``safety.py``) takes, per head, the
+lowest out-of-fold score of a positive that a rule catches on an informational message (at most
+``VETO_MAX``), so no such training positive loses its rule hit.
 Rebuilding from the same data gives the same bytes.
 """
 
@@ -51,7 +54,7 @@ RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 DEFAULT_CORPUS_DIR = RESOURCES / "safety_train"
 EVAL_DIR = RESOURCES / "safety_eval"
 # evaluation sets folded into training (each was run once as a held-out measure before; README record)
-TRAIN_EVAL_SETS = ("main", "round2", "round3", "round4", "round5")
+TRAIN_EVAL_SETS = ("main", "round2", "round3", "round4", "round5", "round6")
 SEED = 20261130
 FOLDS = 5
 STEPS = 400
@@ -63,6 +66,9 @@ WEIGHT_DECIMALS = 4
 # out-of-fold false alarms each head may ADD to the rules' own, as a share of ordinary messages (the
 # method head: of all messages that are no method request); the issue's target is 5% for everything
 FA_BUDGET = {"emergency": 0.012, "self_harm": 0.012, "self_harm_method": 0.004}
+# a rule hit on an informational message is vetoed below this calibrated score at most (the threshold
+# itself is the lowest out-of-fold score of a rule-caught positive on an informational message)
+VETO_MAX = 0.5
 LABELS = ("emergency", "self_harm", "self_harm_method", "none")
 TURN_SEPARATOR = "||"
 _SECTION = re.compile(r"^##\s*([A-Za-z0-9_.-]+)\s*:\s*(.+?)\s*$")
@@ -348,18 +354,50 @@ def cv_figures(examples: Sequence[Example], fired: np.ndarray, rules: np.ndarray
     }
 
 
-def rules_matrix(examples: Sequence[Example]) -> np.ndarray:
-    """What the rules alone do on each example: (emergency, self_harm, suppress) at the latest turn."""
+def rule_hits(examples: Sequence[Example]) -> tuple[list[list[tuple[str, bool]]], np.ndarray]:
+    """The rules alone on each original example: its hits as (category, suppress_answer), and whether
+    its latest message is informational (``SafetyLayer.is_informational``)."""
     from hai_medqa.inference.safety import SafetyLayer
 
     layer = SafetyLayer(classifier=False)
-    out = np.zeros((len(examples), 3), dtype=bool)
+    hits: list[list[tuple[str, bool]]] = [[] for _ in examples]
+    info = np.zeros(len(examples), dtype=bool)
     for i, ex in enumerate(examples):
         if not ex.original:
             continue
-        v = layer.assess([{"role": "user", "content": t} for t in ex.turns])
-        out[i] = ("emergency" in v.categories, "self_harm" in v.categories, v.suppress_answer)
+        hits[i] = [(h.category, h.suppress_answer) for h in layer.check([{"role": "user", "content": t} for t in ex.turns])]
+        info[i] = bool(hits[i]) and layer.is_informational(ex.turns[-1])
+    return hits, info
+
+
+def rules_matrix(hits: Sequence[Sequence[tuple[str, bool]]], info: np.ndarray | None = None,
+                 probs: np.ndarray | None = None, veto: dict[str, float] | None = None) -> np.ndarray:
+    """(emergency, self_harm, suppress) of the rules at each example's latest turn; with `veto`, a hit
+    on an informational example is dropped where every head it concerns scores below its veto."""
+    out = np.zeros((len(hits), 3), dtype=bool)
+    col = {h: j for j, h in enumerate(HEADS)}
+    for i, row in enumerate(hits):
+        for category, suppress in row:
+            if veto is not None and info is not None and probs is not None and info[i]:
+                heads = [category] + (["self_harm_method"] if suppress else [])
+                if all(h in veto and probs[i, col[h]] < veto[h] for h in heads):
+                    continue
+            out[i, col[category]] = True
+            out[i, 2] |= suppress
     return out
+
+
+def choose_veto(probs: np.ndarray, y: np.ndarray, orig: np.ndarray, hits: Sequence[Sequence[tuple[str, bool]]],
+                info: np.ndarray) -> dict[str, float]:
+    """Per head, the lowest out-of-fold score among positives a rule of that head catches on an
+    informational message (capped at VETO_MAX): below it a rule hit on such a message is vetoed."""
+    veto = {}
+    for h, head in enumerate(HEADS):
+        at_risk = [i for i in np.flatnonzero(orig & info & (y[:, h] == 1))
+                   if any(c == head or (head == "self_harm_method" and s) for c, s in hits[i])]
+        low = min((float(probs[i, h]) for i in at_risk), default=VETO_MAX)
+        veto[head] = round(min(VETO_MAX, low), 6)
+    return veto
 
 
 def sha256_path(path: Path) -> str:
@@ -416,7 +454,11 @@ def train(corpus_dir: Path = DEFAULT_CORPUS_DIR, eval_sets: Sequence[str] = TRAI
         logger.info(f"fold {k + 1}/{folds}: {int(tr.sum())} train rows, {len(vocab_list)} features")
 
     # the rules fire on some ordinary messages anyway: the classifier's budget counts only the others
-    rules = rules_matrix(examples) if with_rules else np.zeros((len(examples), 3), dtype=bool)
+    if with_rules:
+        hits, info = rule_hits(examples)
+    else:
+        hits, info = [[] for _ in examples], np.zeros(len(examples), dtype=bool)
+    rules = rules_matrix(hits)
     rules_fired = rules.any(axis=1)
     platt, thresholds, probs = [], [], np.zeros_like(oof)
     for h, head in enumerate(HEADS):
@@ -428,11 +470,14 @@ def train(corpus_dir: Path = DEFAULT_CORPUS_DIR, eval_sets: Sequence[str] = TRAI
         max_false = int(np.floor(FA_BUDGET[head] * neg.sum()))
         thresholds.append(round(choose_threshold(probs[:, h], orig & (y[:, h] == 1), neg & ~rules_fired, max_false), 6))
     fired = probs >= np.array(thresholds)
+    veto = choose_veto(probs, y, orig, hits, info)
     cv = {"folds": folds, "grouping": "one corpus line or evaluation item (with its noisy copies and dialogue prefixes)",
           "classifier_only": cv_figures(examples, fired)}
     if with_rules:
         cv["rules_only"] = cv_figures(examples, np.zeros_like(fired), rules)
-        cv["rules_or_classifier"] = cv_figures(examples, fired, rules)
+        cv["rules_or_classifier_no_veto"] = cv_figures(examples, fired, rules)
+        cv["rules_or_classifier"] = cv_figures(examples, fired, rules_matrix(hits, info, probs, veto))
+        cv["informational_rule_hits"] = int(info.sum())
 
     # the final model: every example
     vocab_list = build_vocab(feats, groups)
@@ -455,16 +500,19 @@ def train(corpus_dir: Path = DEFAULT_CORPUS_DIR, eval_sets: Sequence[str] = TRAI
             "examples": len(base), "examples_with_noisy_copies": len(examples), "examples_by_source": by_source,
             "settings": {"folds": folds, "steps": steps, "learning_rate": LEARNING_RATE, "l2": L2,
                          "augment_weight": AUGMENT_WEIGHT, "min_feature_groups": MIN_FEATURE_GROUPS,
-                         "fa_budget_per_head": FA_BUDGET, "weight_decimals": WEIGHT_DECIMALS},
+                         "fa_budget_per_head": FA_BUDGET, "weight_decimals": WEIGHT_DECIMALS,
+                         "veto_max": VETO_MAX},
         },
         "cv": cv,
         "thresholds": thresholds,
+        "rule_veto": veto,
         "platt": platt,
         "bias": [round(float(v), WEIGHT_DECIMALS) for v in b],
         "features": [vocab_list[i] for i in keep],
         "weights": [[float(v) for v in w[i]] for i in keep],
     }
-    logger.info(f"trained in {time.perf_counter() - started:.1f} s: {len(keep)} features, thresholds {thresholds}")
+    logger.info(f"trained in {time.perf_counter() - started:.1f} s: {len(keep)} features, thresholds {thresholds}, "
+                f"rule veto {veto}")
     return out
 
 
@@ -501,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     text = dumps(weights)
     SafetyClassifier.from_dict(json.loads(text), str(output))  # what is written must load
     atomic_write_text(output, text)
-    print(json.dumps({"thresholds": weights["thresholds"], "cv": weights["cv"]}, indent=1))
+    print(json.dumps({"thresholds": weights["thresholds"], "rule_veto": weights["rule_veto"], "cv": weights["cv"]},
+                     indent=1))
     print(f"written: {output}")
     return 0
 

@@ -143,6 +143,37 @@ def test_rules_are_the_floor(tmp_path, rules_only):
         assert layer.assess(text) == expected, text
 
 
+# rule hits on informational questions (none in any training file); the rules alone fire on each
+INFORMATIONAL_RULE_HITS = ["헤파린 맞는 사람은 왜 피가 잘 안 멈춰요?", "노인들은 왜 자살을 많이 하나요?",
+                           "토혈이랑 각혈 차이 알려주세요", "자해 흔적을 부모가 알아채는 신호가 있나요?"]
+# first-person present statements that carry a question cue: never vetoed
+FIRST_PERSON_WITH_CUES = ["제가 지금 숨이 안 쉬어지는데 왜 그래요?", "죽고 싶은데 왜 이럴까요",
+                          "내가 왜 살아야 하는지 모르겠어요", "방금 피를 토했는데 객혈이랑 토혈 차이가 뭐예요?"]
+
+
+def test_informational_rule_hits_are_vetoed_first_person_never(tmp_path, rules_only):
+    # a classifier that never fires and vetoes every rule hit it may: only informational messages lose it
+    data = _minimal_weights(bias=-1000.0)
+    data["rule_veto"] = {h: 0.99 for h in HEADS}
+    path = tmp_path / "vetoing.json"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    layer = SafetyLayer(classifier=path)
+    for text in INFORMATIONAL_RULE_HITS:
+        assert rules_only.assess(text).categories, text
+        assert rules_only.is_informational(text), text
+        assert layer.assess(text).categories == (), text
+    for text in FIRST_PERSON_WITH_CUES + FLOOR_CASES:
+        assert not rules_only.is_informational(text), text
+        assert layer.assess(text) == rules_only.assess(text), text
+
+
+def test_shipped_veto_drops_informational_rule_hits(rules_only, combined):
+    assert combined.classifier.rule_veto  # the shipped weights carry a veto for every head
+    assert not set(INFORMATIONAL_RULE_HITS) & _training_texts()
+    for text in INFORMATIONAL_RULE_HITS:
+        assert combined.assess(text).categories == (), (text, combined.check(text))
+
+
 def test_rule_hits_survive_beside_the_classifier(rules_only, combined):
     for text in FLOOR_CASES:
         rule_hits = [h for h in combined.check(text) if not h.rule.startswith(CLASSIFIER_RULE_PREFIX)]
@@ -190,6 +221,8 @@ def test_scoring_is_fast(combined):
         (lambda d: d.update(thresholds=[0.5, 1.5, 0.5]), "'thresholds' must lie strictly between 0 and 1"),
         (lambda d: d.update(platt=[[1.0, 0.0]]), "'platt' must be a list of 3"),
         (lambda d: d.pop("bias"), "'bias' must be a list of 3 numbers"),
+        (lambda d: d.update(rule_veto={"emergency": 1.5}), "'rule_veto' must map heads"),
+        (lambda d: d.update(rule_veto={"other": 0.1}), "'rule_veto' must map heads"),
     ],
 )
 def test_malformed_weights_are_refused_in_one_line(tmp_path, mutate, message):
