@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hai_medqa.cli import run_cli
 from hai_medqa.errors import HaiMedQAError
 from hai_medqa.inference.safety import DEFAULT_RULES_PATH, SafetyLayer, lemma_view
 from hai_medqa.inference.safety_classifier import DEFAULT_WEIGHTS_PATH
@@ -368,13 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> int:
-    """Entry point: one line for a user error (exit 1)."""
-    try:
-        return main()
-    except HaiMedQAError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point: the project's one CLI wrapper (a user error is one line and exit 1)."""
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

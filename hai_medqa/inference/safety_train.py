@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
+from hai_medqa.cli import run_cli
 from hai_medqa.errors import HaiMedQAError
 from hai_medqa.inference.safety_classifier import (
     DEFAULT_WEIGHTS_PATH,
@@ -555,13 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> int:
-    """Entry point: one line for a user error (exit 1)."""
-    try:
-        return main()
-    except HaiMedQAError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point: the project's one CLI wrapper (a user error is one line and exit 1)."""
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":
