@@ -38,6 +38,7 @@ first use (a few seconds); every message's analysis is cached.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import re
 import unicodedata
@@ -96,6 +97,21 @@ class SafetyVerdict:
 def normalize_for_matching(text: str) -> str:
     """NFKC, lower-case, and drop all whitespace, so spacing variants of Korean phrases match alike."""
     return _WHITESPACE.sub("", unicodedata.normalize("NFKC", text).lower())
+
+
+def require_kiwipiepy() -> None:
+    """One clear line at start-up, before any model is loaded, when kiwipiepy (a requirement: the
+    lemma view and the classifier's features) is missing, instead of a traceback at the first message."""
+    for name in ("kiwipiepy", "kiwipiepy_model"):
+        try:  # find, not import: the ~100 MB analyser still loads lazily, at the first lemma pattern
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # ValueError: a module blanked out in sys.modules
+            found = False
+        if not found:
+            raise SafetyConfigError(
+                f"the chat safety layer needs {name} (in requirements.txt), which is not installed in this "
+                "Python: install the project's requirements, or pass --no-safety to chat without the "
+                "119/109 notices") from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -297,6 +313,8 @@ class SafetyLayer:
     def __init__(self, rules_path: str | Path | None = None, *, enabled: bool = True,
                  classifier: bool | str | Path = True):
         self.enabled = enabled
+        if enabled:
+            require_kiwipiepy()
         self.rules_path = Path(rules_path) if rules_path is not None else DEFAULT_RULES_PATH
         self.categories, self.disclaimer, self.withheld_answer, self.window_user_turns = self._load(self.rules_path)
         self._informational, self._situation = self._load_informational(self.rules_path)

@@ -541,3 +541,17 @@ def test_same_message_rule_ignores_the_window(layer):
 def test_death_verb_is_told_from_the_porridge(layer):
     assert " 죽다 " in lemma_view("몇 알 먹으면 죽어요") and " 죽다 " not in lemma_view("죽을 몇 그릇 먹어야 해요")
     assert layer.check("죽을 몇 그릇 먹어야 해요") == []
+
+
+def test_chat_without_kiwipiepy_is_one_line_before_the_model_loads(repo_root, tiny_exaone_dir):
+    # The device image had no kiwipiepy: chat.py loaded the model, then died with a traceback at the
+    # first message. Now the safety layer says so in one line at start-up (before any model loads).
+    code = ("import sys, runpy; sys.modules['kiwipiepy'] = None; "
+            f"sys.argv = ['chat.py', '--model', {str(tiny_exaone_dir)!r}, '--prompt', '가슴이 아파요']; "
+            "runpy.run_path('chat.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "needs kiwipiepy" in errors[0] and "--no-safety" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "loaded " not in proc.stderr
