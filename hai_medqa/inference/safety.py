@@ -316,8 +316,9 @@ class SafetyLayer:
         if enabled:
             require_kiwipiepy()
         self.rules_path = Path(rules_path) if rules_path is not None else DEFAULT_RULES_PATH
-        self.categories, self.disclaimer, self.withheld_answer, self.window_user_turns = self._load(self.rules_path)
-        self._informational, self._situation = self._load_informational(self.rules_path)
+        data = self._read(self.rules_path)  # read and parsed once; both loaders validate their parts
+        self.categories, self.disclaimer, self.withheld_answer, self.window_user_turns = self._load(data, self.rules_path)
+        self._informational, self._situation = self._load_informational(data, self.rules_path)
         # the trained classifier beside the rules (rules are the floor: a category fires if either does);
         # True = the bundled weights, False = rules only, a path = that weights file
         self.classifier: SafetyClassifier | None = None
@@ -330,7 +331,7 @@ class SafetyLayer:
                                         "(or pass classifier=False)")
 
     @staticmethod
-    def _load(path: Path) -> tuple[tuple[_Category, ...], str, str, int]:
+    def _read(path: Path) -> dict:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -339,6 +340,10 @@ class SafetyLayer:
             raise SafetyConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(data, dict):
             raise SafetyConfigError(f"{path}: top level must be a JSON object")
+        return data
+
+    @staticmethod
+    def _load(data: dict, path: Path) -> tuple[tuple[_Category, ...], str, str, int]:
         terms = _expand_terms(data.get("terms", {}) or {}, path)
         texts = {}
         for key in ("disclaimer", "withheld_answer"):
@@ -367,10 +372,9 @@ class SafetyLayer:
         return tuple(categories), texts["disclaimer"], texts["withheld_answer"], window
 
     @staticmethod
-    def _load_informational(path: Path) -> tuple[tuple[_Pattern, ...], tuple[_Pattern, ...]]:
+    def _load_informational(data: dict, path: Path) -> tuple[tuple[_Pattern, ...], tuple[_Pattern, ...]]:
         """The optional ``informational`` block: ``cue`` patterns (a question about a topic, hearsay,
         fiction, a past event) and ``situation`` patterns (first person, now: never vetoed)."""
-        data = json.loads(path.read_text(encoding="utf-8"))
         block = data.get("informational")
         if block is None:
             return (), ()
