@@ -162,8 +162,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the uninterrupted reference twice: their difference is the run-to-run tolerance")
     ap.add_argument("--export-merged", default=None,
                     help="also pack the merged folder into this .tar (to chat with it on another machine)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="any other TrainConfig key for every run, e.g. --set sample_max_new_tokens=48")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "multi_gpu_e2e.json"))
     args = ap.parse_args(argv)
+    extra = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            ap.error(f"--set {item!r}: expected KEY=VALUE")
+        extra[key] = value
 
     import torch
 
@@ -184,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             common.update(compute_dtype="bfloat16", cpu_threads="null")
     if args.profile:
         common["profile"] = args.profile
+    common.update(extra)
     report: dict = {"argv": sys.argv[1:], "launcher": args.launcher, "num_processes": n, "shape": args.shape,
                     "gpus": torch.cuda.device_count(), "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
                     "date": time.strftime("%Y-%m-%d"), "runs": []}
