@@ -228,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                                  out_dir / f"{args.launcher}_resumed_{n}.log"))
     if not args.skip_single:
         # One process: accumulation x N keeps the global batch, so the steps are the same.
+        # FSDP forces nothing a one-GPU run would choose otherwise (config.FSDP_REQUIRED holds only defaults),
+        # so the same overrides resume on one process.
         one = {**common, "gradient_accumulation_steps": args.accumulation * n, "output_dir": single, "resume": "true"}
-        if args.launcher == "fsdp":  # the settings FSDP forced must stay the same on one process (the resume checks them)
-            one.update(lora_kernel="peft", optimizer="adamw_torch", dequantize_cache="false")
         report["runs"].append(launch("resumed_1", s_f2_command(1, args.launcher, config, one),
                                      out_dir / f"{args.launcher}_resumed_1.log"))
     ref_adapter = ref / run_folder.ADAPTER_LAST

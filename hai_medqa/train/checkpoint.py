@@ -6,13 +6,15 @@
 A checkpoint, ``run_folder.checkpoint_dir(RUN, step)``, holds the LoRA adapter (PEFT's files),
 ``optimizer.pt``, ``scheduler.pt``, one ``rng_state_<rank>.pt`` per process and ``trainer_state.json``
 (TrainState plus the process count). It is written atomically, by rank 0, after every process has
-put down its RNG state; under FSDP the adapter and the optimizer state are first gathered on rank 0
-(collectives: every process calls `save`). Only the newest `keep` checkpoints stay.
+put down its RNG state (every process calls `save`). Only the newest `keep` checkpoints stay. The
+adapter and the optimizer state are whole on every process, under DDP and under FSDP alike (FSDP
+shards only the frozen base; the LoRA modules are replicated: fsdp_lora.py), so rank 0 writes what it
+holds, and a checkpoint resumes on any number of processes with either launcher.
 
 Adapter weights (checkpoints and adapter folders alike) are chosen here, not by PEFT: every tensor the
 model trains, under PEFT's file names, whole. Under FSDP, PEFT 0.21 finds the adapter's tensors by
 walking the module tree, whose names carry ``_fsdp_wrapped_module.`` inside every wrapped layer, and
-so matched nothing of the gathered state dict: FSDP runs wrote empty adapters (issue 18). Each
+so matched nothing of the (then gathered) state dict: FSDP runs wrote empty adapters (issue 18). Each
 written adapter file is read back and must hold exactly those tensors (`check_adapter_file`), and a
 checkpoint whose adapter does not is refused when resuming.
 
@@ -95,7 +97,7 @@ def save(run_dir: str | Path, state: TrainState, *, model: Any, optimizer: Any, 
     with atomic_path(rng_dir / RNG_FILE.format(rank=runtime.rank)) as tmp:
         torch.save(capture_rng(), tmp)
     runtime.wait_for_everyone()
-    tensors, optim_state = adapter_state_dict(model, runtime), gathered_optimizer_state(model, optimizer, runtime)
+    tensors, optim_state = adapter_state_dict(model, runtime), optimizer.state_dict()
 
     def write() -> None:
         with atomic_dir(folder) as tmp:
@@ -124,15 +126,9 @@ def restore(run_dir: str | Path, *, model: Any, optimizer: Any, scheduler: Any, 
     check_checkpoint_adapter(ckpt, runtime.accelerator.unwrap_model(model))
     saved = json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))
     saved.pop("world_size", None)  # another process count is fine when the global batch is (check_resumable)
-    optim_state = torch.load(ckpt / OPTIMIZER_FILE, map_location=runtime.device, weights_only=True)
-    if runtime.fsdp_version is not None:  # the saved state is whole; give each rank its shard
-        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(),
-                                  FullOptimStateDictConfig(rank0_only=False)):
-            optim_state = FSDP.optim_state_dict_to_load(model, optimizer, optim_state)
-    optimizer.load_state_dict(optim_state)
+    # Whole on every process (FSDP too: the LoRA parameters are replicated), in the trainable parameters'
+    # order, which FSDP's wrapping does not change.
+    optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, map_location=runtime.device, weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / SCHEDULER_FILE, weights_only=True))
     state = TrainState(**saved)
     rng_file = ckpt / RNG_FILE.format(rank=runtime.rank)
@@ -324,20 +320,15 @@ def expected_adapter_tensors(peft_model: Any) -> dict[str, tuple[int, ...] | Non
     return {adapter_file_key(n, adapter): shape for n, shape in trained_tensors(peft_model).items()}
 
 
-def adapter_state_dict(model: Any, runtime: Any) -> dict[str, torch.Tensor] | None:
-    """Every tensor the model trains, whole, on CPU, under PEFT's adapter-file keys; None on the
-    ranks other than 0 under FSDP. A collective under FSDP: every process calls it.
+def adapter_state_dict(model: Any, runtime: Any) -> dict[str, torch.Tensor]:
+    """Every tensor the model trains, whole, on CPU, under PEFT's adapter-file keys (each process holds
+    them all: under FSDP the LoRA modules are replicated, fsdp_lora.py).
 
     Chosen by name from the model's trainable parameters, not by PEFT's module walk (which finds
     nothing under nested FSDP units: issue 18)."""
     peft_model = runtime.accelerator.unwrap_model(model)
     trained = trained_tensors(peft_model)
-    if runtime.fsdp_version is None:
-        full = {_clean_name(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
-    else:
-        full = gathered_state_dict(model, runtime)
-        if not runtime.is_main:
-            return None
+    full = {_clean_name(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
     adapter = peft_model.active_adapter
     # A missing tensor surfaces in write_adapter_weights' check (one message for every path).
     return {adapter_file_key(n, adapter): full[n].detach().to("cpu", copy=True).contiguous()
@@ -384,37 +375,6 @@ def check_adapter_file(folder: str | Path, expected: dict[str, tuple[int, ...] |
                         f"expected {expected[wrong[0]]})")
     raise TrainingError(f"{shown}: holds {len(shapes)} tensors, not the {len(expected)} LoRA tensors the model "
                         f"trains: {'; '.join(problems)}")
-
-
-# ---------------------------------------------------------------- FSDP gathering
-def gathered_state_dict(model: Any, runtime: Any) -> dict[str, torch.Tensor] | None:
-    """Under FSDP the whole model's state dict on rank 0, with the unwrapped model's names (a
-    collective: every rank must call it), else None (each process holds the whole adapter)."""
-    if runtime.fsdp_version is None:
-        return None
-    if runtime.fsdp_version != 1:
-        return runtime.accelerator.get_state_dict(model)
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    # offload_to_cpu only from a GPU: on a CPU, FSDP's offload frees the very storage it "moved"
-    # (accelerate's get_state_dict always offloads, so it cannot gather on CPU).
-    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=runtime.on_gpu, rank0_only=True)):
-        return model.state_dict()
-
-
-def gathered_optimizer_state(model: Any, optimizer: Any, runtime: Any) -> dict[str, Any]:
-    """The optimizer state with every shard gathered on rank 0 (a collective under FSDP)."""
-    if runtime.fsdp_version is None:
-        return optimizer.state_dict()
-    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=runtime.on_gpu, rank0_only=True),
-                              FullOptimStateDictConfig(offload_to_cpu=runtime.on_gpu, rank0_only=True)):
-        return FSDP.optim_state_dict(model, optimizer)
 
 
 # ---------------------------------------------------------------- random number generators

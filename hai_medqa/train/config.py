@@ -322,13 +322,16 @@ def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool, model
     return dataclasses.replace(cfg, **updates), name
 
 
-# What FSDP-QLoRA needs (fsdp_version 1, the path bitsandbytes' 4-bit weights shard on): PEFT's own LoRA
-# forward (the fused kernel reads LoRA weights outside their FSDP unit, which would see shards), torch
-# AdamW (FSDP gathers optimizer states shaped like the parameters; bitsandbytes' 8-bit states are
-# blockwise), and no dequantised copy of the base (it would defeat the sharding).
-FSDP_REQUIRED: dict[str, Any] = {"lora_kernel": "peft", "optimizer": "adamw_torch", "dequantize_cache": False,
-                                  "base_precision": "nf4",  # FP8 weights are not sharded (fp8_base.py)
-                                  "compile_layers": False}  # FSDP1 swaps the parameters under compiled layers
+# What FSDP-QLoRA still needs (fsdp_version 1, the path bitsandbytes' 4-bit weights shard on). The LoRA
+# modules are replicated, not sharded (fsdp_lora.py): they are ordinary whole tensors on every process, as
+# under DDP, so the fused LoRA forward (lora_kernel) and bitsandbytes' 8-bit optimizers (optimizer) are
+# allowed; tests/train/test_fsdp_save.py runs both under FSDP on two CPU processes. What stays forced is
+# about the sharded base:
+FSDP_REQUIRED: dict[str, Any] = {
+    "dequantize_cache": False,  # a whole dequantised bf16 copy of the base on every process defeats the sharding
+    "base_precision": "nf4",  # FP8 weights are not sharded (fp8_base.py swaps the projections for FP8 modules)
+    "compile_layers": False,  # FSDP1 swaps the flattened base parameters under the layers at every unit's forward
+}
 
 
 def check_fsdp_requirements(cfg: TrainConfig, explicit: set[str], fsdp_version: int | None) -> None:

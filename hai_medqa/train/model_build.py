@@ -7,8 +7,8 @@
 (backends.py: dtype, attention, Liger), turns on activation checkpointing, adds LoRA to the configured
 projections (the fused LoRA forward and the dequantised-weight cache of fast_lora.py if asked), with
 ``base_precision: fp8`` swaps the seven frozen projections for FP8 ones (fp8_base.py), loads
-the adapter of the checkpoint being resumed, and lets accelerate wrap the result (DDP or FSDP). The
-LoRA initialisation is seeded with ``cfg.seed``: the same on every process and every run.
+the adapter of the checkpoint being resumed, and lets accelerate wrap the result (DDP, or FSDP with
+the LoRA modules replicated: fsdp_lora.py). The LoRA initialisation is seeded with ``cfg.seed``: the same on every process and every run.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from loguru import logger
 
-from hai_medqa.train import backends, checkpoint, compile_regions, fast_lora, fp8_base
+from hai_medqa.train import backends, checkpoint, compile_regions, fast_lora, fp8_base, fsdp_lora
 from hai_medqa.train.config import TrainConfig
+from hai_medqa.train.errors import TrainingError
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class BuiltModel:
     """GPU memory the loaded model took (CPU: its footprint)."""
     compiled_layers: int = 0
     """Decoder layers running as compiled regions while training (compile_layers; compile_regions.py)."""
+    fsdp_units: int | None = None
+    """Under FSDP: the FSDP units (decoder layers + root); None otherwise."""
 
 
 def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resume_from: str | Path | None = None,
@@ -109,19 +112,23 @@ def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resum
     )
     if resume_from is not None:  # before any wrapping: FSDP would hold only a shard of each weight
         checkpoint.load_adapter_weights(model, resume_from, device)
-    if runtime.fsdp_version is not None:
-        from peft.utils.other import fsdp_auto_wrap_policy
-
-        # decoder layers as FSDP units, each LoRA matrix its own unit (trainable fp32 apart from frozen bf16)
-        runtime.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+    fsdp_units = None
+    if runtime.fsdp_version is not None:  # decoder layers as units (frozen base sharded), LoRA replicated
+        fsdp_units = fsdp_lora.configure(model, runtime.accelerator.state.fsdp_plugin)["decoder_layers"] + 1
     compiled = 0
     if cfg.compile_layers:  # in place, before DDP wraps the model (module names unchanged)
         fixed_rows = cfg.batching == "packed" and cfg.pad_to_fixed_length
         compiled = compile_regions.compile_decoder_layers(model, dynamic=False if fixed_rows else None)
     prepared = runtime.accelerator.prepare_model(model, device_placement=False)
+    if fsdp_units is not None:
+        got = fsdp_lora.fsdp_unit_count(prepared)
+        if got != fsdp_units:  # e.g. a wrap policy from elsewhere: the replicated-LoRA path would not hold
+            raise TrainingError(f"FSDP wrapped {got} units, expected {fsdp_units} (decoder layers + root)")
+        # ignored modules are not broadcast by FSDP: start every replica from rank 0's LoRA, as DDP does
+        fsdp_lora.broadcast_from_rank0([p for p in prepared.parameters() if p.requires_grad])
     return BuiltModel(model=prepared, compute_dtype=compute_dtype, attn_implementation=attn_implementation,
                       liger_applied=liger_applied, trainable_params=int(trainable), total_params=int(total),
-                      memory_bytes=int(model_bytes), compiled_layers=compiled)
+                      memory_bytes=int(model_bytes), compiled_layers=compiled, fsdp_units=fsdp_units)
 
 
 def build_optimizer(model: Any, cfg: TrainConfig, runtime: Any, *, warmup_steps: int, total_steps: int,

@@ -36,7 +36,7 @@ from hai_medqa.cli import signal_name
 from hai_medqa.data.provenance import data_provenance
 from hai_medqa.io_utils import fault_point
 from hai_medqa.run_folder import ADAPTER_BEST, ADAPTER_LAST, TrainingRecord, list_checkpoints
-from hai_medqa.train import checkpoint, compile_regions, eval_loss, fp8_base, sample_answers
+from hai_medqa.train import checkpoint, compile_regions, eval_loss, fp8_base, fsdp_lora, sample_answers
 from hai_medqa.train.adapter_folder import finish_adapter_folder
 from hai_medqa.train.checkpoint import TrainState
 from hai_medqa.train.config import (
@@ -236,11 +236,16 @@ class Trainer:
         model.train()
         n_items = torch.tensor(float(num_loss_tokens), device=rt.device)
         loss_sum = torch.zeros((), device=rt.device)
-        # DDP averages gradients over processes; scale so the result is the global token mean.
+        # DDP (and fsdp_lora.average_gradients) average gradients over processes; scale so the result is
+        # the global token mean.
         weight = 0.0 if join_only else float(rt.world_size)
+        # Under FSDP the LoRA modules are FSDP-ignored (fsdp_lora.py): FSDP has no gradient to reduce, and
+        # theirs are averaged below, once per step.
+        fsdp = rt.fsdp_version is not None
         for k, batch in enumerate(micro_batches):
             last = k == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if (last or rt.world_size == 1) else rt.accelerator.no_sync(model)
+            plain = last or rt.world_size == 1 or fsdp
+            sync = contextlib.nullcontext() if plain else rt.accelerator.no_sync(model)
             if dropout_seeds is not None:
                 torch.manual_seed(dropout_seeds[k])
             with sync:
@@ -254,11 +259,10 @@ class Trainer:
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"loss is {loss_value} at step {self.state.global_step + 1}")
+        if fsdp:  # one flattened all-reduce of the replicated LoRA gradients, after the last backward
+            fsdp_lora.average_gradients(self.trainable_parameters, rt.world_size)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        if rt.fsdp_version is not None:  # the norm over every shard
-            grad_norm = float(self.model.clip_grad_norm_(max_norm))
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm))
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {self.state.global_step + 1}")

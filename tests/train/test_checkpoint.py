@@ -194,11 +194,14 @@ def test_adapter_tensors_are_those_peft_saves(runtime):
 
 
 def _emptied_gathering(monkeypatch, runtime, gathered: dict):
-    """A runtime that gathers like FSDP, and a gathering that returns `gathered`, as FSDP + PEFT
-    did (the optimizer state is gathered as it is)."""
-    monkeypatch.setattr(checkpoint, "gathered_state_dict", lambda model, rt: gathered)
-    monkeypatch.setattr(checkpoint, "gathered_optimizer_state", lambda model, optimizer, rt: optimizer.state_dict())
-    return dataclasses.replace(runtime, fsdp_version=1)
+    """An adapter state that holds `gathered` instead of the trained tensors (what the FSDP gathering
+    and PEFT's module walk gave before issue 18's fixes)."""
+    def adapter_state_dict(model, rt):  # the trained tensors' names, looked up in `gathered`
+        return {checkpoint.adapter_file_key(n, model.active_adapter): gathered[n]
+                for n in checkpoint.trained_tensors(model) if n in gathered}
+
+    monkeypatch.setattr(checkpoint, "adapter_state_dict", adapter_state_dict)
+    return runtime
 
 
 def test_an_adapter_without_the_trained_tensors_is_refused_and_nothing_replaced(tmp_path, runtime, monkeypatch,

@@ -165,12 +165,14 @@ def test_settle_config_applies_profile_fsdp_and_resume_once_and_freezes():
     big, profile = settle_config(TrainConfig(), set(), on_gpu=True, fsdp_version=1, resume=False,
                                  model_config=EXAONE_78B_LLAMA, gpu_memory_bytes=141 * GIB)
     assert profile == "fast" and big.gradient_checkpointing is False
-    assert (big.lora_kernel, big.optimizer) == ("peft", "adamw_torch")  # what FSDP-QLoRA needs
+    # FSDP-QLoRA replicates the LoRA weights (fsdp_lora.py): the one-GPU kernel and optimizer stay
+    assert (big.lora_kernel, big.optimizer, big.dequantize_cache) == ("fused", "paged_adamw_8bit", False)
     small, profile = settle_config(TrainConfig(), set(), on_gpu=True, fsdp_version=None, resume=True,
                                    model_config=EXAONE_78B_LLAMA, gpu_memory_bytes=24 * GIB)
     assert profile == "lean" and small.gradient_checkpointing is True and small.resume is True
-    with pytest.raises(ConfigError, match="optimizer: 'paged_adamw_8bit' does not work under FSDP"):
-        settle_config(TrainConfig(), {"optimizer"}, on_gpu=True, fsdp_version=1, resume=False)
+    with pytest.raises(ConfigError, match="dequantize_cache: True does not work under FSDP"):
+        settle_config(TrainConfig(dequantize_cache=True), {"dequantize_cache"}, on_gpu=True, fsdp_version=1,
+                      resume=False)
 
 
 def test_settle_config_docstring_example():

@@ -364,7 +364,7 @@ def test_the_llama_decoder_layer_named_for_wrapping_is_what_the_model_loads_as(t
     from hai_medqa.model.load import load_causal_lm
 
     model = load_causal_lm(tiny_llama_dir, dtype=torch.float32)
-    assert "LlamaDecoderLayer" in model._no_split_modules  # what peft's FSDP wrap policy wraps
+    assert "LlamaDecoderLayer" in model._no_split_modules  # what the FSDP wrap policy wraps (fsdp_lora.py)
     assert type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"
 
 
@@ -372,12 +372,16 @@ def test_fsdp_forces_what_fsdp_qlora_needs_and_refuses_conflicts():
     from hai_medqa.config import ConfigError
     from hai_medqa.train.config import TrainConfig, apply_fsdp_requirements
 
+    # The LoRA weights are replicated (fsdp_lora.py): the defaults, fused kernel and 8-bit optimizer included, stay
     cfg, changed = apply_fsdp_requirements(TrainConfig(), set(), fsdp_version=1)
-    assert changed == {"lora_kernel": "peft", "optimizer": "adamw_torch"}
-    assert (cfg.lora_kernel, cfg.optimizer, cfg.dequantize_cache) == ("peft", "adamw_torch", False)
+    assert changed == {} and cfg == TrainConfig()
+    chosen = TrainConfig(lora_kernel="fused", optimizer="paged_adamw_8bit")
+    assert apply_fsdp_requirements(chosen, {"lora_kernel", "optimizer"}, fsdp_version=1) == (chosen, {})
+    cfg, changed = apply_fsdp_requirements(TrainConfig(dequantize_cache=True), set(), fsdp_version=1)
+    assert changed == {"dequantize_cache": False} and cfg.dequantize_cache is False  # left at a profile's choice
     assert apply_fsdp_requirements(TrainConfig(), set(), fsdp_version=None) == (TrainConfig(), {})  # DDP: untouched
-    with pytest.raises(ConfigError, match="optimizer: 'paged_adamw_8bit' does not work under FSDP; use 'adamw_torch'"):
-        apply_fsdp_requirements(TrainConfig(), {"optimizer"}, fsdp_version=1)
+    with pytest.raises(ConfigError, match="dequantize_cache: True does not work under FSDP; use False"):
+        apply_fsdp_requirements(TrainConfig(dequantize_cache=True), {"dequantize_cache"}, fsdp_version=1)
     with pytest.raises(ConfigError, match="needs fsdp_version 1, got 2"):
         apply_fsdp_requirements(TrainConfig(), set(), fsdp_version=2)
     with pytest.raises(ConfigError, match="uint8 cannot be sharded"):

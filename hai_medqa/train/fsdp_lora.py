@@ -1,0 +1,150 @@
+"""FSDP-QLoRA: the frozen 4-bit base sharded over the processes, the LoRA weights replicated on each.
+
+    info = fsdp_lora.configure(model, accelerator.state.fsdp_plugin)   # before accelerator.prepare_model
+    fsdp_lora.broadcast_from_rank0(trainable_params)                   # after it
+    fsdp_lora.average_gradients(trainable_params, world_size)          # once per optimizer step
+
+FSDP1 (the version bitsandbytes' 4-bit weights shard on) wraps each decoder layer as one unit, plus
+the root (embeddings, final norm, head): only frozen weights are flattened and sharded. Every module
+that holds a trained tensor (PEFT's lora_A / lora_B linears) is an FSDP *ignored module*: FSDP neither
+flattens, shards, gathers nor reduces it, so the LoRA weights, their gradients and the optimizer state
+are ordinary whole tensors on every process, as under DDP. Checkpoints and adapters then take the
+one-process path (rank 0 writes what it holds; checkpoint.py), and the LoRA forward and the optimizer
+are the one-GPU ones.
+
+FSDP does not average the ignored gradients: the trainer does it once per optimizer step, after the
+last micro-batch's backward and before clipping (`average_gradients`: one flattened all-reduce,
+divided by the process count, DDP's mean), and nothing is synchronised on the other micro-batches.
+
+Why not PEFT's ``fsdp_auto_wrap_policy`` (the earlier path): it makes every LoRA matrix its own FSDP
+unit (2 x 7 projections x 32 layers = 448 at 7.8B, beside 32 decoder layers), each all-gathered in the
+forward, again in the checkpointed recompute and in the backward, and reduce-scattered: about 2,000
+small collectives per micro-batch, for parameters (~42M at r=16) whose sharding saves nothing
+(issue 18: 0.42x DDP at 7.8B on two H200s).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from loguru import logger
+
+from hai_medqa.train.errors import TrainingError
+
+
+def decoder_layer_classes(model: torch.nn.Module, names: list[str] | None = None) -> set[type]:
+    """The module classes FSDP wraps as units: `names` (the launch config's
+    ``fsdp_transformer_layer_cls_to_wrap``) or else the model's ``_no_split_modules`` (its decoder
+    layer), resolved to the classes present in `model`."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    if not names:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        names = list(getattr(base, "_no_split_modules", None) or [])
+    classes = set()
+    for name in names:
+        cls = get_module_class_from_name(model, name)
+        if cls is None:
+            raise TrainingError(f"FSDP: no module of class {name} in the model (fsdp_transformer_layer_cls_to_wrap)")
+        classes.add(cls)
+    if not classes:
+        raise TrainingError("FSDP: the model names no decoder-layer class to wrap (_no_split_modules is empty); "
+                            "set fsdp_transformer_layer_cls_to_wrap in the accelerate config")
+    return classes
+
+
+def replicated_modules(model: torch.nn.Module, layer_classes: set[type]) -> list[torch.nn.Module]:
+    """Every module that directly holds a trained tensor, in module order: FSDP's ignored modules.
+
+    A module that also contains a decoder layer (a trained tensor held above the layers) cannot be
+    ignored without leaving those layers unsharded: TrainingError."""
+    out = []
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if any(isinstance(m, tuple(layer_classes)) for m in module.modules()):
+            raise TrainingError(f"FSDP: {name or 'the model'} holds a trained tensor and contains decoder layers; "
+                                "only adapter modules below the layers can stay replicated")
+        out.append(module)
+    return out
+
+
+def configure(model: torch.nn.Module, plugin: Any) -> dict[str, int]:
+    """Set accelerate's FSDP1 plugin to wrap only the decoder layers and to ignore (replicate) every
+    module holding a trained tensor; return {"decoder_layers", "replicated_modules",
+    "replicated_params"} for the log. Call before ``accelerator.prepare_model``."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    classes = decoder_layer_classes(model, getattr(plugin, "transformer_cls_names_to_wrap", None))
+    ignored = replicated_modules(model, classes)
+    # A ready policy (a partial, not torch's bare function): accelerate's set_auto_wrap_policy leaves it as is.
+    plugin.auto_wrap_policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=classes)
+    plugin.ignored_modules = ignored
+    layers = sum(1 for m in model.modules() if isinstance(m, tuple(classes)))
+    params = sum(p.numel() for m in ignored for p in m.parameters(recurse=False))
+    info = {"decoder_layers": layers, "replicated_modules": len(ignored), "replicated_params": int(params)}
+    logger.info(f"FSDP: {layers} decoder layers ({', '.join(sorted(c.__name__ for c in classes))}) + the root as "
+                f"units, the 4-bit base sharded; {len(ignored)} LoRA modules ({params:,} parameters) replicated "
+                "on every process, their gradients averaged once per step")
+    return info
+
+
+def fsdp_unit_count(model: torch.nn.Module) -> int:
+    """Number of FSDP units in a wrapped model (root included)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return len(FSDP.fsdp_modules(model))
+
+
+def _buckets(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of `tensors` grouped by (dtype, device), in order: one flat buffer each."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    return list(groups.values())
+
+
+def _flat_collective(tensors: list[torch.Tensor], op: Any) -> None:
+    """Run `op(flat)` in place on each flattened (dtype, device) bucket of `tensors`, then copy back."""
+    for idx in _buckets(tensors):
+        group = [tensors[i] for i in idx]
+        flat = torch.cat([t.reshape(-1) for t in group])
+        op(flat)
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+
+
+def broadcast_from_rank0(params: list[torch.Tensor]) -> None:
+    """Make the replicated tensors rank 0's on every process (what DDP does at construction): FSDP
+    does not broadcast ignored modules, and the replicas must start equal whatever each process's
+    loading did. One flattened broadcast per dtype; a collective (every process calls it)."""
+    import torch.distributed as dist
+
+    if not params or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        _flat_collective([p.data for p in params], lambda flat: dist.broadcast(flat, src=0))
+
+
+def average_gradients(params: list[torch.Tensor], world_size: int) -> None:
+    """Average the gradients of the replicated tensors over the processes: one flattened all-reduce
+    (sum) per dtype, divided by `world_size` (DDP's mean). A parameter without a gradient counts as
+    zeros. A collective: every process calls it, once per optimizer step, after its last backward."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+    def reduce(flat: torch.Tensor) -> None:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world_size)
+
+    _flat_collective([p.grad for p in params], reduce)
