@@ -8,8 +8,9 @@ In the order a run uses them:
     model_build.py 4-bit base + LoRA on the chosen kernels, wrapped for DDP/FSDP; optimizer and schedule
     backends.py    attention / Liger / dtype / optimizer choices with logged fallbacks
     fast_lora.py   fused LoRA forward and dequantised-weight cache (speed options)
+    fsdp_lora.py   FSDP-QLoRA: decoder layers as units (base sharded), LoRA replicated, its gradients averaged
     trainer.py     Trainer: the recipe (setup, the loop, train_step, evaluate), run_training
-    checkpoint.py  save / restore (RNG, optimizer, scheduler, FSDP gathering), resume checks, adapters
+    checkpoint.py  save / restore (RNG, optimizer, scheduler), resume checks, adapters
     adapter_folder.py  an adapter others may receive: base by Hub id, data provenance, the project's card
     run_record.py  resolved_config.yaml, run_info.json, metrics.jsonl, TensorBoard, summary.json
     plots.py       loss-curve PNG from metrics.jsonl
