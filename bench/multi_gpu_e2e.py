@@ -16,7 +16,8 @@ Writes a JSON report (timings, exit codes, differences, the runs' summaries with
     python bench/multi_gpu_e2e.py --launcher fsdp --shape 7.8b --steps 200 --kill-at 90 --out $OUT/e2e_fsdp_78.json
 
 On a machine without GPUs it runs the same sequence with gloo processes on the CPU (`--shape tiny` only),
-which is how the script itself is checked.
+which is how the script itself is checked (`--launcher fsdp` through hai_medqa/fixtures/fsdp_cpu.py, which
+forces FSDP1 on there as accelerate does not).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ LAUNCH_CONFIG = {"ddp": REPO / "configs" / "accelerate" / "ddp.yaml",
                  "fsdp": REPO / "configs" / "accelerate" / "fsdp_qlora.yaml"}
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _env() -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     # NVLink multicast stays off on shared hosts (device tool's rule); harmless elsewhere.
@@ -49,7 +56,11 @@ def _env() -> dict:
 
 
 def s_f2_command(n: int, launcher: str, config: Path, overrides: dict) -> list[str]:
-    args = [str(REPO / "S_F2.py"), "--config", str(config), *[f"--{k}={v}" for k, v in overrides.items()]]
+    script = REPO / "S_F2.py"
+    if launcher == "fsdp" and n > 1 and not _has_gpu():
+        # accelerate turns FSDP off on a CPU: S_F2.py with FSDP1 forced on the gloo processes
+        script = REPO / "hai_medqa" / "fixtures" / "fsdp_cpu.py"
+    args = [str(script), "--config", str(config), *[f"--{k}={v}" for k, v in overrides.items()]]
     if n == 1:
         return [sys.executable, *args]
     accelerate = Path(sys.executable).with_name("accelerate")

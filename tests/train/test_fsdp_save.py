@@ -11,19 +11,15 @@ one-GPU LoRA forward (``lora_kernel: fused``) and bitsandbytes' 8-bit AdamW, whi
 replaces; ``lora_r: 32`` makes the MLP's LoRA matrices 4,096 elements, the size from which
 bitsandbytes keeps 8-bit optimizer states.
 
-accelerate turns FSDP off on a CPU, so this file's launcher entry (``__main__``, below) forces it:
-accelerate's own FSDP plugin, read from configs/accelerate/fsdp_qlora.yaml's environment, with the
-two settings a CPU cannot do off (``sync_module_states`` and ``cpu_ram_efficient_loading`` need a
-GPU; every rank loads the same file and seed, so nothing needs broadcasting). Everything else is
-the real path: the trainer, accelerate's FSDP1 wrapping with the project's policy, the 4-bit NF4 base
-in fp32 storage, the saves and the resume. The entry also writes a probe per rank (FSDP units after
-wrapping, the averaged LoRA gradients of the first steps) into $HAI_FSDP_PROBE. Runs take ~1-2
-minutes each on the 2-core machine.
+accelerate turns FSDP off on a CPU, so this file's launcher entry (``__main__``, below) forces it with
+hai_medqa/fixtures/fsdp_cpu.py (accelerate's own FSDP plugin from configs/accelerate/fsdp_qlora.yaml's
+environment, with the two GPU-only settings off); everything else is the real path. The entry also
+writes a probe per rank (FSDP units after wrapping, the LoRA gradients of the first steps before and
+after the sync) into $HAI_FSDP_PROBE. Runs take well under a minute each on the 2-core machine.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -201,28 +197,11 @@ def test_checkpoints_resume_across_process_counts_and_launchers(runs):
 
 # ------------------------------------------------------------------ launcher entry (one FSDP process)
 def _force_fsdp_on_cpu() -> None:
-    """Make this process's Runtime FSDP1 as `accelerate launch` with fsdp_qlora.yaml gives on GPUs.
-
-    accelerate leaves FSDP off on a CPU (a gloo MULTI_CPU run); here its FSDP plugin is built from the
-    launcher's environment (the shipped config) and put in place, with the two GPU-only settings off."""
-    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"  # else ranks > 0 load the model on `meta`
-    os.environ["FSDP_SYNC_MODULE_STATES"] = "false"  # FSDP refuses to broadcast CPU tensors
-
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    from hai_medqa.train import runtime as runtime_module
+    """FSDP1 forced on this CPU process (hai_medqa/fixtures/fsdp_cpu.py), plus the probe when asked."""
+    from hai_medqa.fixtures.fsdp_cpu import force_fsdp_on_cpu
     from hai_medqa.train import trainer as trainer_module
 
-    def detect_fsdp_runtime():
-        rt = runtime_module.detect_runtime()
-        assert rt.world_size > 1 and rt.fsdp_version is None, "expected accelerate's CPU (gloo) launch"
-        state = rt.accelerator.state
-        state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads FSDP_* set by accelerate launch
-        state.distributed_type = DistributedType.FSDP
-        state.device = torch.device("cpu")  # FSDP's device_id; gloo ranks are "cpu:N", which FSDP calls another device
-        return dataclasses.replace(rt, fsdp_version=state.fsdp_plugin.fsdp_version)
-
-    trainer_module.detect_runtime = detect_fsdp_runtime
+    force_fsdp_on_cpu()
     if os.environ.get(PROBE_ENV):
         _install_probe(Path(os.environ[PROBE_ENV]), trainer_module)
 
