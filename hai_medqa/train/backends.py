@@ -156,6 +156,36 @@ def maybe_apply_liger(model: Any, setting: bool | str, device: torch.device, *, 
     return True
 
 
+def repage_loaded_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
+    """After `optimizer.load_state_dict`: put the states bitsandbytes' paged optimizers keep in CUDA
+    managed memory back there; return how many were moved (or unmarked, off CUDA).
+
+    bitsandbytes marks such a state with a Python attribute (`is_paged`), and torch.save/torch.load
+    keep a tensor's attributes, so a loaded state claims to be paged while it lives in ordinary device
+    memory; the first step after --resume then prefetches it and fails ("Error invalid argument at line
+    578 in file /src/csrc/pythonInterface.cpp", then a crash: H200, 2026-11-30). A no-op for any other
+    optimizer. Example: a loaded PagedAdamW8bit state1 (plain CUDA tensor, is_paged=True) -> a managed
+    copy (is_paged=True); on the CPU -> the same tensor without the mark.
+    """
+    moved = 0
+    for state in optimizer.state.values():
+        for key, value in list(state.items()):
+            if not (isinstance(value, torch.Tensor) and getattr(value, "is_paged", False)):
+                continue
+            if value.is_cuda:
+                import bitsandbytes.functional as bnb_functional
+
+                paged = bnb_functional.get_paged(*value.shape, dtype=value.dtype, device=value.device)
+                paged.copy_(value)
+                optimizer.page_mng.paged_tensors.append(paged)
+                state[key] = paged
+            else:  # paging exists only on CUDA; bitsandbytes treats an unmarked tensor as a plain state
+                del value.is_paged
+                value.__dict__.pop("page_deviceid", None)
+            moved += 1
+    return moved
+
+
 def build_optimizer(params: list[torch.nn.Parameter], cfg: Any, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
     """The configured optimizer and its actual name (after any CPU fallback)."""
     kwargs = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.weight_decay}

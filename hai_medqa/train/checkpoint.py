@@ -53,6 +53,7 @@ from hai_medqa.run_folder import (
     list_checkpoints,
     write_training_record,
 )
+from hai_medqa.train import backends
 from hai_medqa.train.errors import TrainingError
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -129,6 +130,7 @@ def restore(run_dir: str | Path, *, model: Any, optimizer: Any, scheduler: Any, 
     # Whole on every process (FSDP too: the LoRA parameters are replicated), in the trainable parameters'
     # order, which FSDP's wrapping does not change.
     optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, map_location=runtime.device, weights_only=True))
+    backends.repage_loaded_optimizer_state(optimizer)
     scheduler.load_state_dict(torch.load(ckpt / SCHEDULER_FILE, weights_only=True))
     state = TrainState(**saved)
     rng_file = ckpt / RNG_FILE.format(rank=runtime.rank)

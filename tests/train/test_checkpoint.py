@@ -259,3 +259,41 @@ def test_resume_refuses_a_checkpoint_adapter_missing_a_trained_tensor(tmp_path, 
     save_file({}, weights, metadata={"format": "pt"})  # what FSDP runs wrote before the fix
     with pytest.raises(TrainingError, match=r"holds 0 tensors, not the 8 .*\(FSDP runs before the issue 18 fix"):
         checkpoint.load_adapter_weights(model2, tmp_path, runtime.device)
+
+
+def test_resume_with_a_paged_8bit_optimizer_continues_exactly(tmp_path, runtime):
+    """bitsandbytes' paged optimizers (the shipped `paged_adamw_8bit`) mark their CUDA-managed states with
+    an `is_paged` attribute, which torch.save keeps: on the H200 the first step after --resume prefetched
+    the loaded (unmanaged) state and crashed. The marks are put on here only for the save, as get_paged
+    puts them on the managed buffers it allocates on CUDA (a CPU cannot allocate those)."""
+    import bitsandbytes as bnb
+    from transformers import get_scheduler
+
+    def paged_recipe(lora_seed: int = 0):
+        model = tiny_lora(lora_seed)
+        optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return model, optimizer, get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=10)
+
+    checkpoint.seed_everything(5)
+    model, optimizer, scheduler = paged_recipe()
+    for _ in range(2):
+        step(model, optimizer, scheduler)
+    states = [v for s in optimizer.state.values() for k, v in s.items() if k in ("state1", "state2")]
+    assert states
+    for v in states:
+        v.is_paged, v.page_deviceid = True, 0
+    checkpoint.save(tmp_path, TrainState(global_step=2), model=model, optimizer=optimizer, scheduler=scheduler,
+                    runtime=runtime, keep=1)
+    for v in states:
+        del v.is_paged, v.page_deviceid
+    expected_losses = [step(model, optimizer, scheduler) for _ in range(2)]
+    expected = lora_weights(model)
+
+    checkpoint.seed_everything(77)
+    model2, optimizer2, scheduler2 = paged_recipe(lora_seed=1)
+    checkpoint.load_adapter_weights(model2, tmp_path, runtime.device)
+    checkpoint.restore(tmp_path, model=model2, optimizer=optimizer2, scheduler=scheduler2, runtime=runtime, seed=0)
+    assert [step(model2, optimizer2, scheduler2) for _ in range(2)] == expected_losses
+    got = lora_weights(model2)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
