@@ -79,6 +79,13 @@ def configure(model: torch.nn.Module, plugin: Any) -> dict[str, int]:
 
     classes = decoder_layer_classes(model, getattr(plugin, "transformer_cls_names_to_wrap", None))
     ignored = replicated_modules(model, classes)
+    # With fsdp_cpu_ram_efficient_loading (the shipped config) ranks > 0 load the model on `meta`, and PEFT
+    # puts their LoRA weights there too. FSDP materialises only the modules it manages, so the replicas get
+    # real (uninitialised) storage here; broadcast_from_rank0 then gives them rank 0's values.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    for module in ignored:
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device=device, recurse=False)
     # A ready policy (a partial, not torch's bare function): accelerate's set_auto_wrap_policy leaves it as is.
     plugin.auto_wrap_policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=classes)
     plugin.ignored_modules = ignored
