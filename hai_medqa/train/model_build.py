@@ -5,7 +5,8 @@
 
 `build_model` loads the Llama-layout folder quantised to NF4 (bitsandbytes), picks the compute path
 (backends.py: dtype, attention, Liger), turns on activation checkpointing, adds LoRA to the configured
-projections (the fused LoRA forward and the dequantised-weight cache of fast_lora.py if asked), with
+projections (the fused LoRA forward and the dequantised-weight cache of fast_lora.py if asked; with
+``offload_activations`` the checkpointed layers' saved inputs go to host memory: activation_offload.py), with
 ``base_precision: fp8`` swaps the seven frozen projections for FP8 ones (fp8_base.py), loads
 the adapter of the checkpoint being resumed, and lets accelerate wrap the result (DDP, or FSDP with
 the LoRA modules replicated: fsdp_lora.py). The LoRA initialisation is seeded with ``cfg.seed``: the same on every process and every run.
@@ -20,7 +21,15 @@ from typing import Any
 import torch
 from loguru import logger
 
-from hai_medqa.train import backends, checkpoint, compile_regions, fast_lora, fp8_base, fsdp_lora
+from hai_medqa.train import (
+    activation_offload,
+    backends,
+    checkpoint,
+    compile_regions,
+    fast_lora,
+    fp8_base,
+    fsdp_lora,
+)
 from hai_medqa.train.config import TrainConfig
 from hai_medqa.train.errors import TrainingError
 
@@ -42,6 +51,8 @@ class BuiltModel:
     """Decoder layers running as compiled regions while training (compile_layers; compile_regions.py)."""
     fsdp_units: int | None = None
     """Under FSDP: the FSDP units (decoder layers + root); None otherwise."""
+    offloaded_layers: int = 0
+    """Checkpointed decoder layers whose saved input lives in host memory (offload_activations)."""
 
 
 def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resume_from: str | Path | None = None,
@@ -84,6 +95,10 @@ def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resum
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=cfg.checkpoint_every_n_layers)
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
+    offloaded = 0
+    if cfg.offload_activations:  # before compile_regions, which takes each layer's (wrapped) checkpoint function
+        activation_offload.enable(model)
+        offloaded = len(activation_offload.checkpointed_layers(model))
     # No prepare_model_for_kbit_training: it up-casts every frozen non-quantised weight to fp32
     # (+5 GB and slower on 7.8B). Norms and embeddings stay in the compute dtype; peft keeps the
     # LoRA weights in fp32 (autocast_adapter_dtype).
@@ -128,7 +143,8 @@ def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resum
         fsdp_lora.broadcast_from_rank0([p for p in prepared.parameters() if p.requires_grad])
     return BuiltModel(model=prepared, compute_dtype=compute_dtype, attn_implementation=attn_implementation,
                       liger_applied=liger_applied, trainable_params=int(trainable), total_params=int(total),
-                      memory_bytes=int(model_bytes), compiled_layers=compiled, fsdp_units=fsdp_units)
+                      memory_bytes=int(model_bytes), compiled_layers=compiled, fsdp_units=fsdp_units,
+                      offloaded_layers=offloaded)
 
 
 def build_optimizer(model: Any, cfg: TrainConfig, runtime: Any, *, warmup_steps: int, total_steps: int,
