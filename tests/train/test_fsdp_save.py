@@ -195,6 +195,20 @@ def test_checkpoints_resume_across_process_counts_and_launchers(runs):
     assert_same_run(to_two, runs["fsdp"])
 
 
+def test_offloaded_activations_train_bitwise_like_kept_ones_under_fsdp(runs):
+    """offload_activations on the same two FSDP processes: the checkpointed layers' inputs go to host
+    memory (hai_medqa/train/activation_offload.py) and the run's losses and adapter are the plain FSDP
+    run's bit for bit (the hooks only copy the inputs out and back; nothing else changes)."""
+    out = runs["root"] / "fsdp_offload"
+    launch_fsdp(runs["args"](out, offload_activations="true"))
+    assert "offload_activations: true" in (out / "resolved_config.yaml").read_text(encoding="utf-8")
+    assert "activation offloading: the saved inputs of" in (out / "train.log").read_text(encoding="utf-8")
+    assert losses(out) == losses(runs["fsdp"]) and len(losses(out)) == STEPS
+    got, ref = adapter(out / "adapter_last"), adapter(runs["fsdp"] / "adapter_last")
+    assert got.keys() == ref.keys()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
 # ------------------------------------------------------------------ launcher entry (one FSDP process)
 def _force_fsdp_on_cpu() -> None:
     """FSDP1 forced on this CPU process (hai_medqa/fixtures/fsdp_cpu.py), plus the probe when asked."""
