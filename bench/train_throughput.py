@@ -25,7 +25,8 @@ peak_flops = 989e12 (H100 SXM dense bf16) unless --peak-tflops says otherwise.
 Usage (GPU):
     python bench/train_throughput.py --shape 7.8b --variants fast,lean --baseline --out results.json
     python bench/train_throughput.py --variants "plain;fast;fast:gradient_checkpointing=false"
-A variant is PROFILE[:key=value,...] with any TrainConfig key as an override.
+A variant is PROFILE[:key=value,...] with any TrainConfig key as an override, e.g.
+    python bench/train_throughput.py --shape 7.8b --variants "lean;lean:offload_activations=true"
 
 Evaluation (`--val-records N`): the Trainer gets a validation file of N synthetic records and evaluates
 every `--eval-steps` steps and at the end, as S_F2.py does with the shipped configs. The reported peak
@@ -215,12 +216,13 @@ def run_variant(spec: dict) -> dict:
                                              "checkpoint_every_n_layers", "tokens_per_micro_batch",
                                              "pad_to_fixed_length", "lora_dropout", "gradient_accumulation_steps",
                                              "lora_kernel", "dequantize_cache", "optimizer", "base_precision",
-                                             "compile_layers")
+                                             "compile_layers", "offload_activations")
         if hasattr(trainer.cfg, k)},
         "attn_used": trainer.attn_implementation, "liger_used": trainer.liger_applied,
         "real_tokens_per_s": tokens / wall, "steps_timed": len(timed), "tokens_timed": tokens,
         "num_processes": trainer.world_size, "fsdp_version": trainer.fsdp_version,
         "fsdp_units": trainer.built.fsdp_units,  # decoder layers + root (LoRA replicated: fsdp_lora.py)
+        "offloaded_layers": trainer.built.offloaded_layers,  # offload_activations (activation_offload.py)
         "real_tokens_per_s_per_gpu": tokens / wall / trainer.world_size,
         # the report's peak is the largest GPU's; per_gpu_peaks lists them all
         "peak_allocated_gib": max(p["peak_allocated_gib"] for p in peaks),
