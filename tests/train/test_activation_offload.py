@@ -226,3 +226,30 @@ def test_cuda_offload_matches_and_frees_device_memory(tiny_llama_dir):
         del out
     layer_input = 512 * model.config.hidden_size * 4
     assert held[0] - held[1] >= (model.config.num_hidden_layers - 1) * layer_input  # all but layer 0's
+
+
+def test_offloading_wraps_the_checkpoint_of_compiled_layers(tiny_llama_dir):
+    """compile_layers takes each layer's checkpoint function outside the compiled region: with offloading it
+    takes the offloading one, so the inputs still go to the host; losses and gradients as eager without
+    offloading (float tolerance: the aot_eager region may order float ops differently from eager)."""
+    import torch._dynamo
+
+    from hai_medqa.train import compile_regions
+
+    batches = _batches(2)
+    ref_losses, ref_grads = _train(_model(tiny_llama_dir, every_n=1, offload=False), batches, accumulation=1)
+    torch._dynamo.reset()
+    try:
+        model = _model(tiny_llama_dir, every_n=1, offload=True)
+        compile_regions.compile_decoder_layers(model, dynamic=False, backend="aot_eager")
+        assert isinstance(_layers(model)[1]._compiled_call_impl.checkpoint_fn, activation_offload.OffloadingCheckpoint)
+        losses, grads = _train(model, batches, accumulation=1)
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(ref_losses, losses, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
+    for ga, gb in zip(ref_grads, grads, strict=True):
+        for name in ga:
+            torch.testing.assert_close(gb[name], ga[name], rtol=1e-5, atol=1e-6, msg=name)
+    stats = activation_offload.offloader_of(model).stats
+    assert stats.packed == stats.unpacked == (model.config.num_hidden_layers - 1) * len(batches)
