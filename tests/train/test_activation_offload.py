@@ -7,7 +7,8 @@ come back and the numerics are checked here. Losses and LoRA gradients are compa
 kernels on the same values in the same order on one thread, and no random numbers are drawn by the
 hooks (LoRA dropout is on, so a disturbed RNG would show). The CUDA path (side stream, events,
 ``record_stream``) needs a GPU: `test_cuda_offload_matches_and_frees_device_memory` runs only there.
-Under FSDP on two processes: tests/train/test_fsdp_save.py.
+With compiled layers (aot_eager here): `test_offloading_wraps_the_checkpoint_of_compiled_layers`. Under FSDP
+on two processes: tests/train/test_fsdp_save.py.
 """
 
 from __future__ import annotations
@@ -202,16 +203,19 @@ def test_profile_auto_keeps_checkpointing_when_offloading_is_asked():
 
 @pytest.mark.skipif(not CUDA, reason="the CUDA path (copy stream, events, record_stream) needs a GPU")
 def test_cuda_offload_matches_and_frees_device_memory(tiny_llama_dir):
-    """On a GPU: the same losses and gradients (bitwise: same kernels, exact copies), and the checkpointed
-    inputs are not held on the device between forward and backward."""
+    """On a GPU: the same losses and gradients, and the checkpointed inputs are not held on the device between
+    forward and backward. Float tolerance here, not bitwise: the copies are exact, but GPU attention backward
+    kernels may accumulate with atomics, so two runs of the same model can differ in the last bits."""
     batches = _batches(4, length=512, device="cuda")
     ref = _train(_model(tiny_llama_dir, every_n=1, offload=False, device="cuda"), batches)
     model = _model(tiny_llama_dir, every_n=1, offload=True, device="cuda")
     got = _train(model, batches)
     for a, b in zip(ref[0], got[0], strict=True):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=0)
     for ga, gb in zip(ref[1], got[1], strict=True):
-        assert all(torch.equal(ga[n], gb[n]) for n in ga)
+        for name in ga:
+            torch.testing.assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert activation_offload.offloader_of(model).stats.prefetched > 0
     torch.cuda.synchronize()
     held = []
     for offload in (False, True):
