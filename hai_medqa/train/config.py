@@ -416,7 +416,8 @@ def settle_config(requested: TrainConfig, explicit: set[str], *, on_gpu: bool, f
     if requested.profile == "auto" and on_gpu and model_config is not None and gpu_memory_bytes:
         logger.info(f"profile auto -> {profile} (fast profile needs ~"
                     f"{estimate_fast_peak_gib(model_config, cfg.tokens_per_micro_batch, cfg.base_precision):.0f} GiB; "
-                    f"GPU has {gpu_memory_bytes / 2**30:.0f} GiB)")
+                    f"GPU has {gpu_memory_bytes / 2**30:.0f} GiB"
+                    f"{'; offload_activations needs checkpointing' if cfg.offload_activations else ''})")
     check_offload_activations(cfg)  # after the profile, which may turn checkpointing off
     cfg, changed = apply_fsdp_requirements(cfg, explicit, fsdp_version)
     if changed:
