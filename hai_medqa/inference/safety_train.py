@@ -20,7 +20,8 @@ The final model is trained on everything; the file records the data files' SHA-2
 settings, the thresholds and the cross-validated figures (classifier alone, and rules OR classifier).
 The rules' veto on informational messages (``rule_veto``, see ``safety.py``) takes, per head, the
 lowest out-of-fold score of a positive that a rule catches on an informational message (at most
-``VETO_MAX``), so no such training positive loses its rule hit.
+``VETO_MAX``; a method rule's hit counts only where the method head's own veto would drop it), so no
+such training positive loses its rule hit.
 Rebuilding from the same data gives the same bytes.
 """
 
@@ -55,7 +56,7 @@ RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 DEFAULT_CORPUS_DIR = RESOURCES / "safety_train"
 EVAL_DIR = RESOURCES / "safety_eval"
 # evaluation sets folded into training (each was run once as a held-out measure before; README record)
-TRAIN_EVAL_SETS = ("main", "round2", "round3", "round4", "round5", "round6")
+TRAIN_EVAL_SETS = ("main", "round2", "round3", "round4", "round5", "round6", "round7")
 SEED = 20261130
 FOLDS = 5
 STEPS = 400
@@ -391,14 +392,33 @@ def rules_matrix(hits: Sequence[Sequence[tuple[str, bool]]], info: np.ndarray | 
 def choose_veto(probs: np.ndarray, y: np.ndarray, orig: np.ndarray, hits: Sequence[Sequence[tuple[str, bool]]],
                 info: np.ndarray) -> dict[str, float]:
     """Per head, the lowest out-of-fold score among positives a rule of that head catches on an
-    informational message (capped at VETO_MAX): below it a rule hit on such a message is vetoed."""
-    veto = {}
-    for h, head in enumerate(HEADS):
-        at_risk = [i for i in np.flatnonzero(orig & info & (y[:, h] == 1))
-                   if any(c == head or (head == "self_harm_method" and s) for c, s in hits[i])]
-        low = min((float(probs[i, h]) for i in at_risk), default=VETO_MAX)
-        veto[head] = round(min(VETO_MAX, low), 6)
-    return veto
+    informational message (capped at VETO_MAX): below it a rule hit on such a message is vetoed.
+
+    A method rule's hit (``suppress_answer``) is vetoed only when the self-harm AND the method head
+    both score below their vetoes, so the method head's veto is chosen first, and a self-harm positive
+    whose only rule hits are method hits kept by that veto does not lower the self-harm veto (one such
+    positive used to pin it near 0.14). No rule-caught training positive loses its hit either way."""
+    col = {head: h for h, head in enumerate(HEADS)}
+    veto: dict[str, float] = {}
+
+    def lowest(head: str, at_risk: list[int]) -> float:
+        low = min((float(probs[i, col[head]]) for i in at_risk), default=VETO_MAX)
+        return round(min(VETO_MAX, low), 6)
+
+    def rows(head: str) -> np.ndarray:
+        return np.flatnonzero(orig & info & (y[:, col[head]] == 1))
+
+    veto["self_harm_method"] = lowest("self_harm_method", [i for i in rows("self_harm_method")
+                                                           if any(s for _, s in hits[i])])
+    for head in ("emergency", "self_harm"):
+        at_risk = []
+        for i in rows(head):
+            own = [s for c, s in hits[i] if c == head]
+            # a suppressing hit survives while the method head scores at or above its veto
+            if any(not s or probs[i, col["self_harm_method"]] < veto["self_harm_method"] for s in own):
+                at_risk.append(i)
+        veto[head] = lowest(head, at_risk)
+    return {head: veto[head] for head in HEADS}
 
 
 def sha256_path(path: Path) -> str:

@@ -9,6 +9,7 @@ import json
 import statistics
 import time
 
+import numpy as np
 import pytest
 
 from hai_medqa.inference import safety_classifier, safety_train
@@ -165,6 +166,65 @@ def test_informational_rule_hits_are_vetoed_first_person_never(tmp_path, rules_o
     for text in FIRST_PERSON_WITH_CUES + FLOOR_CASES:
         assert not rules_only.is_informational(text), text
         assert layer.assess(text) == rules_only.assess(text), text
+
+
+# expression classes read as informational after round 7 (the veto may drop their rule hits): English
+# topic and "is it normal" questions, someone else's past event that is over, study or work context,
+# "어떻게 달라요", a past event with a question about next time; none of them is in a training file
+INFORMATIONAL_CLASSES = ["What is the survival rate after a cardiac arrest at home?",
+                         "Is it normal for a teenager to faint during a blood test?",
+                         "my uncle had a stroke in 2015 and is fine now, can he lift weights?",
+                         "I'm a medical student, what are the signs of anaphylaxis?",
+                         "편두통 전조 증상이랑 뇌졸중 증상은 어떻게 달라요",
+                         "지난달에 공황으로 숨막혔었는데 다음에 또 그러면 어떻게 해요",
+                         "할아버지가 예전에 심정지가 왔었는데 지금은 건강하세요 운동해도 되나요"]
+# present events told in English questions or about one's own family: never informational
+PRESENT_SITUATIONS = ["what do I do, my son swallowed a battery", "is it normal that she's breathing like this? her lips are blue",
+                      "why won't he wake up, he's not breathing", "help my grandpa just collapsed"]
+
+
+def test_informational_expression_classes(rules_only):
+    for text in INFORMATIONAL_CLASSES:
+        assert rules_only.is_informational(text), text
+    for text in PRESENT_SITUATIONS:
+        assert not rules_only.is_informational(text), text
+
+
+# figures of speech and someone else's death by suicide: the rules alone stay silent (new none-patterns)
+RULES_SILENT = ["I'm drowning in emails this week", "I almost had a heart attack when I saw the price",
+                "my neighbour's son died by suicide, how do I support the family?",
+                "she lost her husband to suicide and won't talk about it"]
+
+
+def test_rules_stay_silent_on_idioms_and_bereavement(rules_only):
+    for text in RULES_SILENT:
+        assert rules_only.assess(text).categories == (), (text, rules_only.check(text))
+    # the same words about the writer still fire
+    assert rules_only.assess("I'm drowning, help").categories == ("emergency",)
+    assert rules_only.assess("I want to commit suicide").categories == ("self_harm",)
+
+
+def test_veto_choice_keeps_every_rule_caught_positive():
+    # rows: a self-harm method request caught by a method rule (method score high), an informational
+    # self-harm positive caught by a plain rule, an emergency positive, an ordinary message
+    col = {h: i for i, h in enumerate(HEADS)}
+    probs = np.array([[0.0, 0.10, 0.60], [0.0, 0.40, 0.0], [0.30, 0.0, 0.0], [0.01, 0.02, 0.01]])
+    y = np.array([[0, 1, 1], [0, 1, 0], [1, 0, 0], [0, 0, 0]])
+    hits = [[("self_harm", True)], [("self_harm", False)], [("emergency", False)], [("self_harm", False)]]
+    info, orig = np.ones(4, dtype=bool), np.ones(4, dtype=bool)
+    veto = safety_train.choose_veto(probs, y, orig, hits, info)
+    # the method request keeps its hit through the method head (0.60 >= its veto), so its low self-harm
+    # score does not pin the self-harm veto: the plain-rule positive (0.40) sets it (old code: 0.10)
+    assert veto == {"emergency": 0.3, "self_harm": 0.4, "self_harm_method": 0.5}
+    kept = safety_train.rules_matrix(hits, info, probs, veto)
+    assert kept[:3].any(axis=1).all() and not kept[3].any()  # every positive keeps its hit, the ordinary loses it
+    # a self-harm statement (no method request) that a method rule catches, scoring low on the method
+    # head: its hit is at risk, so the self-harm veto drops below its score
+    y[0] = [0, 1, 0]
+    probs[0, col["self_harm_method"]] = 0.05
+    veto = safety_train.choose_veto(probs, y, orig, hits, info)
+    assert veto["self_harm_method"] == 0.5 and veto["self_harm"] == 0.1
+    assert safety_train.rules_matrix(hits, info, probs, veto)[:3].any(axis=1).all()
 
 
 def test_shipped_veto_drops_informational_rule_hits(rules_only, combined):
