@@ -21,6 +21,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from hai_medqa.config import ConfigError, load_config
+from hai_medqa.fixtures.tiny_model import packed_label_batches
 from hai_medqa.model.load import load_causal_lm
 from hai_medqa.train import activation_offload, backends, fast_lora
 from hai_medqa.train.config import TrainConfig, resolve_profile, settle_config
@@ -56,17 +57,6 @@ def _model(path, *, every_n: int, offload: bool, device="cpu", dtype=torch.float
     return model.train()
 
 
-def _batches(n: int, length: int = 48, device="cpu"):
-    """Packed rows of two samples each (position ids restart), every token a label."""
-    gen = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(5, 500, (1, length), generator=gen)
-        pos = torch.cat([torch.arange(length // 3), torch.arange(length - length // 3)])[None]
-        out.append({"input_ids": ids.to(device), "labels": ids.clone().to(device), "position_ids": pos.to(device)})
-    return out
-
-
 def _train(model, batches, accumulation: int = 2):
     """Per optimizer step: the micro-batch losses and the accumulated LoRA gradients; AdamW steps in between."""
     torch.manual_seed(123)  # LoRA dropout draws the same masks in both runs
@@ -93,7 +83,7 @@ def _layers(model):
 def test_offloading_trains_bitwise_like_keeping_the_inputs(tiny_llama_dir, every_n):
     """Two optimizer steps of two micro-batches each: every micro-batch loss and every LoRA gradient equal
     bit for bit with and without offloading; the hooks moved exactly the checkpointed layers' inputs."""
-    batches = _batches(4)
+    batches = packed_label_batches(4)
     ref_losses, ref_grads = _train(_model(tiny_llama_dir, every_n=every_n, offload=False), batches)
     model = _model(tiny_llama_dir, every_n=every_n, offload=True)
     losses, grads = _train(model, batches)
@@ -130,7 +120,7 @@ def test_checkpointed_layer_inputs_are_not_kept_in_device_memory(tiny_llama_dir,
     handles = [layer.register_forward_pre_hook(
         lambda mod, args, kwargs, i=i: inputs.__setitem__(i, weakref.ref(args[0] if args else kwargs["hidden_states"])),
         with_kwargs=True) for i, layer in enumerate(layers)]
-    batch = _batches(1)[0]
+    batch = packed_label_batches(1)[0]
     out = model(**batch, use_cache=False)
     gc.collect()
     for h in handles:
@@ -206,7 +196,7 @@ def test_cuda_offload_matches_and_frees_device_memory(tiny_llama_dir):
     """On a GPU: the same losses and gradients, and the checkpointed inputs are not held on the device between
     forward and backward. Float tolerance here, not bitwise: the copies are exact, but GPU attention backward
     kernels may accumulate with atomics, so two runs of the same model can differ in the last bits."""
-    batches = _batches(4, length=512, device="cuda")
+    batches = packed_label_batches(4, length=512, device="cuda")
     ref = _train(_model(tiny_llama_dir, every_n=1, offload=False, device="cuda"), batches)
     model = _model(tiny_llama_dir, every_n=1, offload=True, device="cuda")
     got = _train(model, batches)
@@ -240,7 +230,7 @@ def test_offloading_wraps_the_checkpoint_of_compiled_layers(tiny_llama_dir):
 
     from hai_medqa.train import compile_regions
 
-    batches = _batches(2)
+    batches = packed_label_batches(2)
     ref_losses, ref_grads = _train(_model(tiny_llama_dir, every_n=1, offload=False), batches, accumulation=1)
     torch._dynamo.reset()
     try:

@@ -24,6 +24,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from hai_medqa.config import ConfigError, load_config
+from hai_medqa.fixtures.tiny_model import packed_label_batches
 from hai_medqa.model.load import load_causal_lm
 from hai_medqa.train import backends, checkpoint, compile_regions, fast_lora
 from hai_medqa.train.config import TrainConfig, check_fsdp_requirements
@@ -69,17 +70,6 @@ def _model(path, *, checkpointing: bool, device="cpu", dtype=torch.float32, attn
     return model.train()
 
 
-def _batches(n: int, length: int = 48, device="cpu"):
-    """Packed rows of two samples each (position ids restart), every token a label."""
-    gen = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(5, 500, (1, length), generator=gen)
-        pos = torch.cat([torch.arange(length // 3), torch.arange(length - length // 3)])[None]
-        out.append({"input_ids": ids.to(device), "labels": ids.clone().to(device), "position_ids": pos.to(device)})
-    return out
-
-
 def _train(model, batches):
     """Loss and LoRA gradients of each step; AdamW steps in between, so step 2 runs on updated weights."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -119,7 +109,7 @@ class _CallCounter:
 def test_compiled_layers_train_like_eager(tiny_llama_dir):
     """Checkpointed layers (the lean profile's way): same losses and LoRA gradients over two steps; the
     recomputation reruns the compiled region; evaluation runs the eager layers."""
-    batches = _batches(2)
+    batches = packed_label_batches(2)
     ref = _train(_model(tiny_llama_dir, checkpointing=True), batches)
 
     model = _model(tiny_llama_dir, checkpointing=True)
@@ -295,7 +285,7 @@ SLOW = os.environ.get("HAI_TEST_COMPILE_SLOW") == "1"
 @pytest.mark.skipif(not _has_cpp_compiler(), reason="CPU inductor needs a C++ compiler (g++)")
 def test_inductor_layers_match_eager(tiny_llama_dir):
     """The real backend: inductor's generated (fused) kernels; fp32 rounding apart, the same training."""
-    batches = _batches(2)
+    batches = packed_label_batches(2)
     ref = _train(_model(tiny_llama_dir, checkpointing=True), batches)
     model = _model(tiny_llama_dir, checkpointing=True)
     compile_regions.compile_decoder_layers(model, dynamic=False, backend="inductor")
@@ -317,7 +307,7 @@ def test_flex_attention_forward_in_the_region_with_variable_rows(tiny_llama_dir)
     model = _model(tiny_llama_dir, checkpointing=False, attn="flex_attention")
     compile_regions.compile_decoder_layers(model, dynamic=None, backend="aot_eager")
     for length in (128, 256, 192, 200):
-        batch = _batches(1, length)[0]
+        batch = packed_label_batches(1, length)[0]
         with torch.no_grad():
             want = ref(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
             got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
@@ -347,7 +337,7 @@ def test_gpu_flex_liger_layers_match_eager(gpu_llama_dir, liger):
     cross-entropy outside it; inductor on the GPU, bf16, checkpointed (lean) and fixed rows."""
     if liger:
         pytest.importorskip("liger_kernel")
-    batches = _batches(2, length=256, device="cuda")
+    batches = packed_label_batches(2, length=256, device="cuda")
     kwargs = {"device": "cuda", "dtype": torch.bfloat16, "attn": "flex_attention", "liger": liger}
     ref = _train(_model(gpu_llama_dir, checkpointing=True, **kwargs), batches)
     model = _model(gpu_llama_dir, checkpointing=True, **kwargs)
