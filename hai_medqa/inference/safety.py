@@ -11,8 +11,7 @@ fires like the two sentences in one message. Each message is matched in two view
   words), so one pattern covers every inflection of 쉬다 / 조이다 / 쓰러지다.
 
 A rule fires at the latest turn when its patterns are found in the window AND the latest message
-itself matches at least one of them (so a notice is shown when a message completes the picture, not
-again on every later turn). A rule marked ``suppress_answer`` (requests for self-harm methods) makes
+itself matches at least one of them (so a notice is shown when a message completes the picture). A rule marked ``suppress_answer`` (requests for self-harm methods) makes
 the caller show only the guidance and no model answer.
 
 Beside the rules runs a small trained classifier (``safety_classifier.py``, weights in
@@ -28,6 +27,16 @@ about causes, differences, statistics, prevention, hearsay, fiction or past even
 scores the window low for that category (below the weights file's ``rule_veto`` thresholds, chosen by
 cross-validation so that no rule-caught positive of the training data is vetoed). A first-person
 present statement ("숨이 안 쉬어져요", "죽고 싶어요") is never vetoed: the rules stay its floor.
+
+**Continuation** (after round 8; the rules file's ``continuation`` block): a category that fired at the
+previous user turn (by a rule, the classifier or this rule) fires again at the latest turn, as
+``continuation:<category>``, when the latest turn carries the situation on - the answer to the
+assistant's follow-up ("아니요 ㅠ 소리를 못 내요"), a duration ("벌써 6분째"), a worsening detail -
+that matches nothing by itself. It does not when the latest turn resolves the situation (a
+``resolved`` pattern such as "괜찮아졌어요", "멀쩡해요 지금 잘 놀고 있어요", "구급차 불렀어요", and no
+``worse`` pattern), changes topic (``topic_change``), or is informational (``is_informational``).
+The chain stays inside the window: at most ``window_user_turns - 1`` turns back, and a resolved turn
+breaks it. Continuation never withholds an answer (a method request must be recognised as such).
 
 What the layer adds is presentation: guidance before the model's text, a short disclaimer after it.
 The model's own text is kept separately (chat history and evaluation use that), so the safety text
@@ -62,6 +71,7 @@ _DROPPED_TAGS = frozenset({"SF", "SP", "SS", "SSO", "SSC", "SE", "SO", "SW", "SB
 _JONGSEONG = str.maketrans({"\u11ab": "ㄴ", "\u11af": "ㄹ", "\u11b7": "ㅁ", "\u11b8": "ㅂ", "\u11bb": "ㅆ"})
 _ROLE_USER = "user"
 CLASSIFIER_RULE_PREFIX = "classifier:"  # SafetyHit.rule of a hit from the trained classifier
+CONTINUATION_RULE_PREFIX = "continuation:"  # SafetyHit.rule of a notice carried on from the previous user turn
 
 
 class SafetyConfigError(HaiMedQAError, ValueError):
@@ -215,6 +225,14 @@ class _Rule:
 
 
 @dataclass(frozen=True)
+class _Continuation:
+    categories: tuple[str, ...]
+    resolved: tuple[_Pattern, ...]
+    worse: tuple[_Pattern, ...]
+    topic_change: tuple[_Pattern, ...]
+
+
+@dataclass(frozen=True)
 class _Category:
     name: str
     message: str
@@ -319,6 +337,7 @@ class SafetyLayer:
         data = self._read(self.rules_path)  # read and parsed once; both loaders validate their parts
         self.categories, self.disclaimer, self.withheld_answer, self.window_user_turns = self._load(data, self.rules_path)
         self._informational, self._situation = self._load_informational(data, self.rules_path)
+        self._continuation = self._load_continuation(data, self.rules_path, self.category_names)
         # the trained classifier beside the rules (rules are the floor: a category fires if either does);
         # True = the bundled weights, False = rules only, a path = that weights file
         self.classifier: SafetyClassifier | None = None
@@ -389,6 +408,42 @@ class SafetyLayer:
             out.append(tuple(_compile(p, terms, path, f"informational.{key}[{i}]") for i, p in enumerate(patterns)))
         return out[0], out[1]
 
+    @staticmethod
+    def _load_continuation(data: dict, path: Path, category_names: Sequence[str]) -> _Continuation | None:
+        """The optional ``continuation`` block: the categories whose notice carries on to the next user
+        turn, and the ``resolved`` / ``worse`` / ``topic_change`` patterns that stop (or keep) it."""
+        block = data.get("continuation")
+        if block is None:
+            return None
+        keys = {"categories", "resolved", "worse", "topic_change", "note"}
+        if not isinstance(block, dict) or set(block) - keys:
+            raise SafetyConfigError(f"{path}: 'continuation' must be an object with keys among {sorted(keys - {'note'})}")
+        cats = block.get("categories") or []
+        if not isinstance(cats, list) or any(c not in category_names for c in cats):
+            raise SafetyConfigError(f"{path}: continuation.categories must list category names among {list(category_names)}")
+        terms = _expand_terms(data.get("terms", {}) or {}, path)
+        lists = []
+        for key in ("resolved", "worse", "topic_change"):
+            patterns = block.get(key) or []
+            if not isinstance(patterns, list):
+                raise SafetyConfigError(f"{path}: continuation.{key} must be a list")
+            lists.append(tuple(_compile(p, terms, path, f"continuation.{key}[{i}]") for i, p in enumerate(patterns)))
+        return _Continuation(tuple(cats), *lists)
+
+    def continues(self, message: str) -> bool:
+        """True when `message` may carry on the previous turn's notice: it neither resolves the situation
+        (a ``resolved`` pattern without a ``worse`` one), nor changes topic, nor is informational."""
+        cont = self._continuation
+        if cont is None:
+            return False
+        turn = _Turn(message)
+        if any(p.search(turn) is not None for p in cont.topic_change):
+            return False
+        if (any(p.search(turn) is not None for p in cont.resolved)
+                and not any(p.search(turn) is not None for p in cont.worse)):
+            return False
+        return not self.is_informational(message)
+
     def is_informational(self, message: str) -> bool:
         """True when `message` reads as a question about a topic (a cue of the rules file's
         ``informational`` block) and not as a present situation (none of its ``situation`` patterns)."""
@@ -402,9 +457,32 @@ class SafetyLayer:
         return [c.name for c in self.categories]
 
     def check(self, conversation: str | Sequence[Mapping[str, Any]]) -> list[SafetyHit]:
-        """Every rule that fires at the latest user turn (all categories, file order). Empty when disabled."""
+        """Every rule that fires at the latest user turn (all categories, file order), including a notice
+        carried on from the previous user turn (module docstring, "Continuation"). Empty when disabled."""
         if not self.enabled:
             return []
+        return self._check(conversation, self.window_user_turns - 1)
+
+    def _check(self, conversation: str | Sequence[Mapping[str, Any]], depth: int) -> list[SafetyHit]:
+        hits = self._check_latest(conversation)
+        cont = self._continuation
+        if cont is None or depth <= 0 or isinstance(conversation, str):
+            return hits
+        missing = [c for c in cont.categories if not any(h.category == c for h in hits)]
+        user_at = [i for i, m in enumerate(conversation)
+                   if isinstance(m, Mapping) and m.get("role") == _ROLE_USER and isinstance(m.get("content"), str)]
+        if not missing or len(user_at) < 2 or not self.continues(conversation[user_at[-1]]["content"]):
+            return hits
+        before = self._check(conversation[:user_at[-1]], depth - 1)  # the verdict at the previous user turn
+        carried = [SafetyHit(c, f"{CONTINUATION_RULE_PREFIX}{c}", "previous turn", False)
+                   for c in missing if any(h.category == c for h in before)]
+        if not carried:
+            return hits
+        order = {name: i for i, name in enumerate(self.category_names)}
+        return sorted(hits + carried, key=lambda h: order[h.category])
+
+    def _check_latest(self, conversation: str | Sequence[Mapping[str, Any]]) -> list[SafetyHit]:
+        """What fires at the latest user turn from the window itself (rules, classifier, veto)."""
         turns = [_Turn(t) for t in _user_turns(conversation)[-self.window_user_turns:] if t.strip()]
         if not turns or not _user_turns(conversation)[-1].strip():
             return []
