@@ -63,9 +63,11 @@ def test_answer_perplexity_scores_exactly_the_answer_tokens(tiny_lm):
         n += len(a_ids)
     assert got["answer_tokens"] == n
     assert got["answer_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)
-    # padding in a batch does not change the score
+    # padding in a batch does not change the score. Tolerance as above: float32 sums over padded and unpadded
+    # shapes differ in the last bits (a clean-clone run once gave 5.4e-5 relative at ppl ~1593), while a pad
+    # token scored or attended to moves the score by percents.
     one_by_one = answer_perplexity(model, tok, CONVERSATIONS, system_prompt=system, batch_size=1)
-    assert one_by_one["answer_ppl"] == pytest.approx(got["answer_ppl"], rel=1e-5)
+    assert one_by_one["answer_ppl"] == pytest.approx(got["answer_ppl"], rel=1e-4)
 
 
 def test_evaluate_writes_results_in_the_documented_schema(tmp_path, tiny_exaone_dir, val_jsonl, repo_root):
