@@ -38,6 +38,15 @@ that matches nothing by itself. It does not when the latest turn resolves the si
 The chain stays inside the window: at most ``window_user_turns - 1`` turns back, and a resolved turn
 breaks it. Continuation never withholds an answer (a method request must be recognised as such).
 
+**Exclusions after round 9** (words in the rules file's ``terms``, used in rules' ``none`` lists, so a
+turn that matches them cannot contribute to that rule): degree and figurative breath words
+(``breath_figurative``: "숨 막히게 더운", "숨이 안 쉬어질 정도로 웃었더니", a boss who is "suffocating")
+and English nose-only complaints (``l_en_nose_only``) in the two breath rules; clearly past events now
+in rehabilitation (``past_recovering``: "작년에 ... 지금 재활 중", and no "또 / 다시 / 오늘") in the
+collapse, stroke, seizure, arrest and injury rules; near-death past experiences (``near_death_past``:
+"죽을 뻔한 적") in the method-question rule. No code: the ``none`` mechanism above does it, and a
+present emergency in the same conversation still fires from its own turn.
+
 What the layer adds is presentation: guidance before the model's text, a short disclaimer after it.
 The model's own text is kept separately (chat history and evaluation use that), so the safety text
 never leaks into the next turn's prompt or into metrics. kiwipiepy is loaded once per process, on
