@@ -56,7 +56,7 @@ RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 DEFAULT_CORPUS_DIR = RESOURCES / "safety_train"
 EVAL_DIR = RESOURCES / "safety_eval"
 # evaluation sets folded into training (each was run once as a held-out measure before; README record)
-TRAIN_EVAL_SETS = ("main", "round2", "round3", "round4", "round5", "round6", "round7", "round8")
+TRAIN_EVAL_SETS = ("main", "round2", "round3", "round4", "round5", "round6", "round7", "round8", "round9")
 SEED = 20261130
 FOLDS = 5
 STEPS = 400
