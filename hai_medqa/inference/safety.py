@@ -33,8 +33,11 @@ previous user turn (by a rule, the classifier or this rule) fires again at the l
 ``continuation:<category>``, when the latest turn carries the situation on - the answer to the
 assistant's follow-up ("아니요 ㅠ 소리를 못 내요"), a duration ("벌써 6분째"), a worsening detail -
 that matches nothing by itself. It does not when the latest turn resolves the situation (a
-``resolved`` pattern such as "괜찮아졌어요", "멀쩡해요 지금 잘 놀고 있어요", "구급차 불렀어요", and no
-``worse`` pattern), changes topic (``topic_change``), or is informational (``is_informational``).
+``resolved`` pattern such as "괜찮아졌어요", "멀쩡해요 지금 잘 놀고 있어요", "구급차 불렀어요", a denied red
+flag "식은땀 그런 건 없어요", thanks or a closing "감사합니다 쉬어볼게요", and no ``worse`` pattern), changes
+topic (``topic_change``, which after round 10 includes care logistics: insurance, cost, "상담 받으면
+나아질까요"), or is informational (``is_informational``). Nor is a notice carried on from a turn that was
+itself informational or told a past, resolved event (the block's ``past`` patterns; ``carries``).
 The chain stays inside the window: at most ``window_user_turns - 1`` turns back, and a resolved turn
 breaks it. Continuation never withholds an answer (a method request must be recognised as such).
 
@@ -239,6 +242,7 @@ class _Continuation:
     resolved: tuple[_Pattern, ...]
     worse: tuple[_Pattern, ...]
     topic_change: tuple[_Pattern, ...]
+    past: tuple[_Pattern, ...] = ()  # a notice fired on such a turn (a past, resolved event) is not carried on
 
 
 @dataclass(frozen=True)
@@ -424,7 +428,7 @@ class SafetyLayer:
         block = data.get("continuation")
         if block is None:
             return None
-        keys = {"categories", "resolved", "worse", "topic_change", "note"}
+        keys = {"categories", "resolved", "worse", "topic_change", "past", "note"}
         if not isinstance(block, dict) or set(block) - keys:
             raise SafetyConfigError(f"{path}: 'continuation' must be an object with keys among {sorted(keys - {'note'})}")
         cats = block.get("categories") or []
@@ -432,7 +436,7 @@ class SafetyLayer:
             raise SafetyConfigError(f"{path}: continuation.categories must list category names among {list(category_names)}")
         terms = _expand_terms(data.get("terms", {}) or {}, path)
         lists = []
-        for key in ("resolved", "worse", "topic_change"):
+        for key in ("resolved", "worse", "topic_change", "past"):
             patterns = block.get(key) or []
             if not isinstance(patterns, list):
                 raise SafetyConfigError(f"{path}: continuation.{key} must be a list")
@@ -450,6 +454,18 @@ class SafetyLayer:
             return False
         if (any(p.search(turn) is not None for p in cont.resolved)
                 and not any(p.search(turn) is not None for p in cont.worse)):
+            return False
+        return not self.is_informational(message)
+
+    def carries(self, message: str) -> bool:
+        """True when a notice shown at `message` may be carried on to the next user turn: the message is
+        not informational and tells no past, resolved event (the continuation block's ``past`` patterns:
+        "고등학교 때 ... 지금은 안 해요", "as a kid") - a notice that fired there anyway is not repeated."""
+        cont = self._continuation
+        if cont is None:
+            return False
+        turn = _Turn(message)
+        if any(p.search(turn) is not None for p in cont.past):
             return False
         return not self.is_informational(message)
 
@@ -480,7 +496,8 @@ class SafetyLayer:
         missing = [c for c in cont.categories if not any(h.category == c for h in hits)]
         user_at = [i for i, m in enumerate(conversation)
                    if isinstance(m, Mapping) and m.get("role") == _ROLE_USER and isinstance(m.get("content"), str)]
-        if not missing or len(user_at) < 2 or not self.continues(conversation[user_at[-1]]["content"]):
+        if (not missing or len(user_at) < 2 or not self.continues(conversation[user_at[-1]]["content"])
+                or not self.carries(conversation[user_at[-2]]["content"])):
             return hits
         before = self._check(conversation[:user_at[-1]], depth - 1)  # the verdict at the previous user turn
         carried = [SafetyHit(c, f"{CONTINUATION_RULE_PREFIX}{c}", "previous turn", False)
