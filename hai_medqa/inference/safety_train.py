@@ -56,7 +56,8 @@ RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 DEFAULT_CORPUS_DIR = RESOURCES / "safety_train"
 EVAL_DIR = RESOURCES / "safety_eval"
 # evaluation sets folded into training (each was run once as a held-out measure before; README record)
-TRAIN_EVAL_SETS = ("main", "round2", "round3", "round4", "round5", "round6", "round7", "round8", "round9")
+TRAIN_EVAL_SETS = ("main", "round2", "round3", "round4", "round5", "round6", "round7", "round8", "round9",
+                   "round10")
 SEED = 20261130
 FOLDS = 5
 STEPS = 400
@@ -71,6 +72,12 @@ FA_BUDGET = {"emergency": 0.012, "self_harm": 0.012, "self_harm_method": 0.004}
 # a rule hit on an informational message is vetoed below this calibrated score at most (the threshold
 # itself is the lowest out-of-fold score of a rule-caught positive on an informational message)
 VETO_MAX = 0.5
+# the operating point (after round 10): the emergency and self-harm heads' budgets are chosen from this
+# grid on the cross-validated figures of the whole detector (rules OR classifier, with the veto): the
+# pair with the fewest CV ordinary false alarms whose CV emergency and self-harm recall both stay at or
+# above RECALL_FLOOR (ties: the smaller budgets); FA_BUDGET when no pair reaches the floor
+BUDGET_GRID = (0.0, 0.002, 0.004, 0.006, 0.008, 0.01, 0.012, 0.015, 0.02)
+RECALL_FLOOR = 0.95
 LABELS = ("emergency", "self_harm", "self_harm_method", "none")
 TURN_SEPARATOR = "||"
 _SECTION = re.compile(r"^##\s*([A-Za-z0-9_.-]+)\s*:\s*(.+?)\s*$")
@@ -421,6 +428,32 @@ def choose_veto(probs: np.ndarray, y: np.ndarray, orig: np.ndarray, hits: Sequen
     return {head: veto[head] for head in HEADS}
 
 
+def choose_operating_point(examples: Sequence[Example], probs: np.ndarray, threshold, rules: np.ndarray
+                           ) -> tuple[dict[str, float], dict]:
+    """The emergency and self-harm heads' false-alarm budgets (``BUDGET_GRID``): the pair whose
+    cross-validated detector (`rules`: the rules with the veto, OR the classifier at those thresholds)
+    has the fewest ordinary false alarms while CV emergency and self-harm recall stay >= RECALL_FLOOR;
+    ties go to the smaller budgets. ``FA_BUDGET`` when no pair reaches the floor. Deterministic."""
+    method_thr = threshold(2, FA_BUDGET["self_harm_method"])
+    em_thr = {b: threshold(0, b) for b in BUDGET_GRID}
+    sh_thr = {b: threshold(1, b) for b in BUDGET_GRID}
+    best = None
+    for be in BUDGET_GRID:
+        for bs in BUDGET_GRID:
+            fig = cv_figures(examples, probs >= np.array([em_thr[be], sh_thr[bs], method_thr]), rules)
+            if min(fig["emergency_recall"]["rate"], fig["self_harm_recall"]["rate"]) < RECALL_FLOOR:
+                continue
+            key = (fig["ordinary_false_alarm"]["k"], be + bs, be)
+            if best is None or key < best[0]:
+                best = (key, be, bs, fig)
+    info = {"recall_floor": RECALL_FLOOR, "grid": list(BUDGET_GRID)}
+    if best is None:
+        return dict(FA_BUDGET), {**info, "chosen": False}
+    _, be, bs, fig = best
+    budgets = {"emergency": be, "self_harm": bs, "self_harm_method": FA_BUDGET["self_harm_method"]}
+    return budgets, {**info, "chosen": True, "budgets": budgets, "cv": fig}
+
+
 def sha256_path(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -481,19 +514,28 @@ def train(corpus_dir: Path = DEFAULT_CORPUS_DIR, eval_sets: Sequence[str] = TRAI
         hits, info = [[] for _ in examples], np.zeros(len(examples), dtype=bool)
     rules = rules_matrix(hits)
     rules_fired = rules.any(axis=1)
-    platt, thresholds, probs = [], [], np.zeros_like(oof)
-    for h, head in enumerate(HEADS):
+    platt, probs = [], np.zeros_like(oof)
+    for h in range(len(HEADS)):
         a, bb = fit_platt(oof[:, h], y[:, h])
         platt.append([round(a, 6), round(bb, 6)])
         probs[:, h] = _sigmoid(a * oof[:, h] + bb)
+
+    def threshold(h: int, budget: float) -> float:
         # the method head withholds answers: its false alarms count on every message that is no request
-        neg = ordinary if head != "self_harm_method" else (orig & (y[:, 2] == 0))
-        max_false = int(np.floor(FA_BUDGET[head] * neg.sum()))
-        thresholds.append(round(choose_threshold(probs[:, h], orig & (y[:, h] == 1), neg & ~rules_fired, max_false), 6))
-    fired = probs >= np.array(thresholds)
+        neg = ordinary if HEADS[h] != "self_harm_method" else (orig & (y[:, 2] == 0))
+        max_false = int(np.floor(budget * neg.sum()))
+        return round(choose_threshold(probs[:, h], orig & (y[:, h] == 1), neg & ~rules_fired, max_false), 6)
+
     veto = choose_veto(probs, y, orig, hits, info)
+    budgets = dict(FA_BUDGET)
+    operating_point = {"chosen": False, "recall_floor": RECALL_FLOOR, "grid": list(BUDGET_GRID)}
+    if with_rules:
+        budgets, operating_point = choose_operating_point(examples, probs, threshold,
+                                                          rules_matrix(hits, info, probs, veto))
+    thresholds = [threshold(h, budgets[head]) for h, head in enumerate(HEADS)]
+    fired = probs >= np.array(thresholds)
     cv = {"folds": folds, "grouping": "one corpus line or evaluation item (with its noisy copies and dialogue prefixes)",
-          "classifier_only": cv_figures(examples, fired)}
+          "classifier_only": cv_figures(examples, fired), "operating_point": operating_point}
     if with_rules:
         cv["rules_only"] = cv_figures(examples, np.zeros_like(fired), rules)
         cv["rules_or_classifier_no_veto"] = cv_figures(examples, fired, rules)
@@ -521,7 +563,7 @@ def train(corpus_dir: Path = DEFAULT_CORPUS_DIR, eval_sets: Sequence[str] = TRAI
             "examples": len(base), "examples_with_noisy_copies": len(examples), "examples_by_source": by_source,
             "settings": {"folds": folds, "steps": steps, "learning_rate": LEARNING_RATE, "l2": L2,
                          "augment_weight": AUGMENT_WEIGHT, "min_feature_groups": MIN_FEATURE_GROUPS,
-                         "fa_budget_per_head": FA_BUDGET, "weight_decimals": WEIGHT_DECIMALS,
+                         "fa_budget_per_head": budgets, "weight_decimals": WEIGHT_DECIMALS,
                          "veto_max": VETO_MAX},
         },
         "cv": cv,
