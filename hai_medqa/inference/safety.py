@@ -50,6 +50,15 @@ collapse, stroke, seizure, arrest and injury rules; near-death past experiences 
 "죽을 뻔한 적") in the method-question rule. No code: the ``none`` mechanism above does it, and a
 present emergency in the same conversation still fires from its own turn.
 
+**Exclusions after round 10** (same mechanism): past events told with a present reassurance
+(``past_over``: a past marker - "작년", "N년 전", "고등학교 때", past perfect -었었- - and "지금은 안 해요 /
+잘 지내요 / 재활 중", or "안 한 지 N년"; ``l_en_past``: "as a kid", "years ago"; no "또 / 다시 / 오늘") in
+the rules that took ``past_recovering``, the drowning and self-injury rules; a parent or teacher asking
+about a child's self-harm (``third_person_self_injury``); degree breath with busy / laughing and
+anxiety triggers told as a feeling (``breath_degree``, ``l_en_breath_figurative``); denied red flags
+("식은땀 그런 건 없어요", "어지럽거나 그런 건 없어요"). A place or time request with a stated intent
+("... 어디예요? 뛰어내리려고요") is a method request (help only).
+
 What the layer adds is presentation: guidance before the model's text, a short disclaimer after it.
 The model's own text is kept separately (chat history and evaluation use that), so the safety text
 never leaks into the next turn's prompt or into metrics. kiwipiepy is loaded once per process, on
