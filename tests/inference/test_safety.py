@@ -485,6 +485,12 @@ def test_round9_classes_by_rules(rules_layer, text, expected, suppress):
     ("예전에 자해했었는데 어제 또 그었어요", ["self_harm"], False),
     ("작년에 쓰러졌었는데 오늘 또 쓰러졌어요", ["emergency"], False),
     ("My son is drowning in the pool", ["emergency"], False),
+    ("My uncle had a heart attack years ago and walks every day now. How much salt is okay?", [], False),
+    ("I had a heart attack 5 years ago and now my chest is crushing again", ["emergency"], False),
+    ("I had a heart attack years ago and now I have crushing chest pain", ["emergency"], False),
+    # learning what to do if someone chokes is not a choking now
+    ("I'd like to know what to do if a baby is choking", [], False),
+    ("my son is choking", ["emergency"], False),
     # a parent or teacher asking about a child's self-harm is not the user's own crisis
     ("고등학생 아들 팔에서 자해 자국을 봤어요. 어떻게 얘기해야 할까요", [], False),
     ("딸이 자해를 했는데 피가 안 멈춰요", ["emergency"], False),
