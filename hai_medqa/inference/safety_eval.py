@@ -307,8 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_data_dirs() -> list[Path]:
-    """The main set, then every ``round*/`` folder under it that holds a set, in name order."""
-    rounds = sorted(p for p in DEFAULT_DATA_DIR.glob("round*") if (p / DATA_FILES[0]).is_file())
+    """The main set, then every ``round*/`` folder under it that holds a set, in round order (round2 ...
+    round9, round10: the number compares as a number, so a report lists the rounds as they were written)."""
+    def key(p: Path) -> tuple[int, str]:
+        digits = p.name[len("round"):]
+        return (int(digits) if digits.isdigit() else 10**9, p.name)
+
+    rounds = sorted((p for p in DEFAULT_DATA_DIR.glob("round*") if (p / DATA_FILES[0]).is_file()), key=key)
     return [DEFAULT_DATA_DIR, *rounds]
 
 
