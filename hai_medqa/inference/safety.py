@@ -341,6 +341,11 @@ def _user_turns(conversation: str | Sequence[Mapping[str, Any]]) -> list[str]:
     return turns
 
 
+
+def _any_match(patterns: tuple, turn: _Turn) -> bool:
+    """True when any compiled pattern of the rules file matches `turn`."""
+    return any(p.search(turn) is not None for p in patterns)
+
 class SafetyLayer:
     """Route conversations to emergency / self-harm guidance and add the disclaimer to answers.
 
@@ -459,10 +464,7 @@ class SafetyLayer:
         if cont is None:
             return False
         turn = _Turn(message)
-        if any(p.search(turn) is not None for p in cont.topic_change):
-            return False
-        if (any(p.search(turn) is not None for p in cont.resolved)
-                and not any(p.search(turn) is not None for p in cont.worse)):
+        if _any_match(cont.topic_change, turn) or (_any_match(cont.resolved, turn) and not _any_match(cont.worse, turn)):
             return False
         return not self.is_informational(message)
 
@@ -471,12 +473,7 @@ class SafetyLayer:
         not informational and tells no past, resolved event (the continuation block's ``past`` patterns:
         "고등학교 때 ... 지금은 안 해요", "as a kid") - a notice that fired there anyway is not repeated."""
         cont = self._continuation
-        if cont is None:
-            return False
-        turn = _Turn(message)
-        if any(p.search(turn) is not None for p in cont.past):
-            return False
-        return not self.is_informational(message)
+        return cont is not None and not _any_match(cont.past, _Turn(message)) and not self.is_informational(message)
 
     def is_informational(self, message: str) -> bool:
         """True when `message` reads as a question about a topic (a cue of the rules file's
