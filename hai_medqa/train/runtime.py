@@ -31,6 +31,14 @@ class Runtime:
     def wait_for_everyone(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def end(self) -> None:
+        """After a run's last collective, on every process: wait for all, then let accelerate destroy the
+        process group (`end_training`), as torch asks before exit. Left to the interpreter's exit, gloo's
+        group was once torn down with its threads running: a rank of the 2-process FSDP CPU launch ended
+        "terminate called without an active exception" after training had completed and saved."""
+        self.wait_for_everyone()
+        self.accelerator.end_training()
+
     def any_process(self, flag: bool) -> bool:
         """True on every process when `flag` is true on any (a collective: all processes call it)."""
         if self.world_size == 1:

@@ -581,21 +581,7 @@ def run_training(cfg: TrainConfig, explicit: Iterable[str] = (), *, callbacks: I
             e.add_note("stopped during start-up, before the first training step (no checkpoint was written)")
             raise
         summary = trainer.train()
-        release_process_group()
+        trainer.runtime.end()  # only on a normal end: a rank leaving on an error must not wait for the others
         return summary
     finally:
         torch.set_num_threads(threads)
-
-
-def release_process_group() -> None:
-    """End the run's process group (every process, after the last collective), as torch asks before exit.
-
-    Left to the interpreter's exit, gloo's group was torn down with its threads still running: one CPU test run
-    of the 2-process FSDP launch ended "terminate called without an active exception" (SIGABRT) on a rank after
-    training had completed and saved. Only on a normal end: a rank leaving on an error must not wait here.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # no rank tears the group down while another still finishes its last collective
-        dist.destroy_process_group()
