@@ -160,13 +160,18 @@ def run_variant(spec: dict) -> dict:
     explicit = set(overrides) | {"profile"}
     cfg = TrainConfig(model=spec["model"], train_file=spec["train_file"], val_file=spec.get("val_file"),
                       output_dir=spec["output_dir"], cache_dir=spec["cache_dir"], profile=spec["profile"],
-                      max_steps=spec["warmup"] + spec["steps"], save_steps=10**6, logging_steps=5,
+                      max_steps=spec["warmup"] + spec["steps"] + spec.get("kernel_profile_steps", 0),
+                      save_steps=10**6, logging_steps=5,
                       tensorboard=False, warmup_ratio=0.0, early_stopping_patience=None,
                       learning_rate=spec["lr"], eval_steps=spec.get("eval_steps") or 200, max_eval_samples=None,
                       gradient_accumulation_steps=overrides.pop("gradient_accumulation_steps", 1), **overrides)
     records: list[dict] = []
     evals: list[dict] = []
     t_mark: dict[str, float] = {}
+    # --kernel-profile: traced steps come after the timed ones, so the profiler never slows the tok/s figure
+    from kernel_breakdown import StepProfiler
+
+    profiler = StepProfiler(spec["warmup"] + spec["steps"], spec.get("kernel_profile_steps", 0), cuda=CUDA)
 
     def on_step(trainer, rec):
         _sync()
@@ -176,6 +181,7 @@ def run_variant(spec: dict) -> dict:
         if rec["step"] == spec["warmup"]:
             _reset_peak()
         records.append(rec)
+        profiler.on_step(rec["step"])
 
     trainer = Trainer(cfg, explicit, callbacks=[on_step])
     trainer.setup()
@@ -208,7 +214,7 @@ def run_variant(spec: dict) -> dict:
         dist.all_gather_object(peaks, _peaks())
     if not trainer.is_main:
         return None
-    timed = [r for r in records if r["step"] > spec["warmup"]]
+    timed = [r for r in records if spec["warmup"] < r["step"] <= spec["warmup"] + spec["steps"]]
     wall = sum(r["wall"] for r in timed)  # includes collation and logging: what users get
     tokens = sum(r["tokens"] for r in timed)
     return {"name": spec["name"], "profile": trainer.profile_used, "config": {
@@ -235,7 +241,8 @@ def run_variant(spec: dict) -> dict:
         "eval_peak_reserved_gib": max((e["peak_reserved_after_gib"] for e in evals), default=None),
         "losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
         "batch_digests": [r.get("batch_digest") for r in records],  # which samples each step trained on
-        "compile": trainer.compile_stats()}  # compile_layers: graphs, recompiles, graph breaks (else None)
+        "compile": trainer.compile_stats(),  # compile_layers: graphs, recompiles, graph breaks (else None)
+        "kernel_breakdown": profiler.result}  # --kernel-profile (bench/kernel_breakdown.py), else None
 
 
 def run_baseline(spec: dict) -> dict:
@@ -462,6 +469,9 @@ def main() -> int:
     ap.add_argument("--data-pattern", default="cycle", choices=["cycle", "random"],
                     help="synthetic answers: cycle (learnt to ~0.01 loss within tens of steps) or random (sentences "
                          "drawn at random: a loss floor of ~0.1, so long runs stay comparable)")
+    ap.add_argument("--kernel-profile", type=int, default=0, metavar="N",
+                    help="trace N more optimizer steps of each project arm with torch.profiler, after its timed steps, "
+                         "and report its GPU time by kernel family (bench/kernel_breakdown.py)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -474,6 +484,7 @@ def main() -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import peers as peer_mod  # bench/peers.py
+    from kernel_breakdown import format_breakdown
 
     # Every input checked before the checkpoint is built.
     if args.num_processes < 1:
@@ -526,6 +537,7 @@ def main() -> int:
     for i, spec in enumerate(specs):
         spec.update(model=str(ckpt), train_file=str(data), output_dir=str(work / f"run{i}"),
                     cache_dir=str(work / "tokcache"), warmup=args.warmup, steps=args.steps, lr=args.lr,
+                    kernel_profile_steps=args.kernel_profile,
                     val_file=str(val_data) if val_data and spec["name"] != "baseline" else None,
                     eval_steps=args.eval_steps, result_file=str(work / f"result{i}.json"))
         cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
@@ -662,6 +674,9 @@ def main() -> int:
             print(f"{'':<4}compiled layers: {c['region_graphs']} graph(s), {c['region_recompiles']} recompile(s), "
                   f"{c['region_graph_breaks']} graph break(s) in the region ({c['process_graph_breaks']} in the "
                   "process)" + (" - RECOMPILE LIMIT REACHED" if c["recompile_limit_reached"] else ""))
+        if r.get("kernel_breakdown"):
+            print(f"{'':<4}GPU time by kernel family over {r['kernel_breakdown']['steps']} traced steps "
+                  "(profiler-inflated; read the shares):\n" + format_breakdown(r["kernel_breakdown"], width=6))
         if r.get("vs_peers"):
             print(f"{'':<4}vs peers (same recomputation): " + ", ".join(
                 f"{v['ratio']:.2f}x {v['arm']}" + ("" if v["exact_equivalent"] else " (not exact)")

@@ -1,0 +1,73 @@
+"""bench/kernel_breakdown.py: kernel names to families, and a real torch.profiler trace reduced to shares."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("kernel_breakdown", REPO / "bench" / "kernel_breakdown.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    # kernel names as an H100/H200 trace of a QLoRA step spells them
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", "matmul"),
+    ("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128_warpgroupsize1x1x1_execute_segment_k_off", "matmul"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>(Params)", "matmul"),
+    ("triton_tem_fused_flex_attention_0", "attention"),
+    ("triton_tem_fused_1", "attention"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention"),
+    ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*, float*, __nv_bfloat16*, int)",
+     "nf4 dequantisation"),
+    ("void kOptimizerStatic8bit2StateBlockwise<float, 0, 256, 1>(float*, float*, unsigned char*)", "optimizer"),
+    ("_rms_norm_forward_kernel", "liger"),
+    ("_swiglu_backward_kernel", "liger"),
+    ("liger_cross_entropy_kernel", "liger"),
+    ("triton_poi_fused_add_mul_0", "compiled (inductor)"),
+    ("Memcpy DtoH (Device -> Pinned)", "copies and fills"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "element-wise"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+    ("aten::mm", "matmul"),
+    ("aten::cat", "copies and fills"),
+    ("some_kernel_nobody_named", "other"),
+])
+def test_kernel_names_fall_into_their_family(name, expected):
+    assert _module().family(name) == expected
+
+
+def test_breakdown_sums_families_and_divides_by_steps():
+    b = _module().breakdown({"nvjet_a": 600.0, "aten::addmm": 200.0, "kDequantizeBlockwise": 150.0,
+                             "unknown": 50.0}, steps=2, top=2)
+    fams = b["families"]
+    assert list(fams) == ["matmul", "nf4 dequantisation", "other"]  # largest first
+    assert fams["matmul"]["share"] == pytest.approx(0.8) and fams["matmul"]["ms_per_step"] == pytest.approx(0.4)
+    assert b["total_ms_per_step"] == pytest.approx(0.5)
+    assert [k["name"] for k in b["top_kernels"]] == ["nvjet_a", "aten::addmm"]
+
+
+def test_step_profiler_traces_only_the_steps_after_its_start():
+    """A real torch.profiler trace (CPU): steps 1-2 untraced, 3-4 traced (matmuls), step 5 untraced (adds)."""
+    mod = _module()
+    prof = mod.StepProfiler(start_after_step=2, steps=2, cuda=False)
+    a = torch.randn(64, 64)
+    for step in range(1, 6):
+        if step in (3, 4):
+            for _ in range(20):
+                a = torch.mm(a, a) / 64
+        else:
+            for _ in range(200):
+                a = torch.add(a, 1.0)
+        prof.on_step(step)
+    assert prof.result is not None and prof.result["steps"] == 2
+    fams = prof.result["families"]
+    assert "matmul" in fams and fams["matmul"]["share"] > 0.5
+    assert fams.get("element-wise", {"share": 0.0})["share"] < fams["matmul"]["share"]
