@@ -255,6 +255,31 @@ class _Continuation:
 
 
 @dataclass(frozen=True)
+class _Denial:
+    boundary: re.Pattern  # splits a raw message into clauses (the separators are kept)
+    clause: tuple[_Pattern, ...]
+    exempt: tuple[_Pattern, ...]
+
+
+@functools.lru_cache(maxsize=8192)
+def _mask_denials(denial: _Denial, message: str) -> str:
+    pieces: list[str] = []
+    pos = 0
+    for m in denial.boundary.finditer(message):
+        if m.end() > pos:
+            pieces.append(message[pos:m.end()])  # a clause with the separator that ends it
+            pos = m.end()
+    pieces.append(message[pos:])
+    kept = []
+    for piece in pieces:
+        turn = _Turn(piece)
+        if piece.strip() and _any_match(denial.clause, turn) and not _any_match(denial.exempt, turn):
+            continue
+        kept.append(piece)
+    return "".join(kept)
+
+
+@dataclass(frozen=True)
 class _Category:
     name: str
     message: str
@@ -365,6 +390,7 @@ class SafetyLayer:
         self.categories, self.disclaimer, self.withheld_answer, self.window_user_turns = self._load(data, self.rules_path)
         self._informational, self._situation = self._load_informational(data, self.rules_path)
         self._continuation = self._load_continuation(data, self.rules_path, self.category_names)
+        self._denial = self._load_denial(data, self.rules_path)
         # the trained classifier beside the rules (rules are the floor: a category fires if either does);
         # True = the bundled weights, False = rules only, a path = that weights file
         self.classifier: SafetyClassifier | None = None
@@ -457,6 +483,41 @@ class SafetyLayer:
             lists.append(tuple(_compile(p, terms, path, f"continuation.{key}[{i}]") for i, p in enumerate(patterns)))
         return _Continuation(tuple(cats), *lists)
 
+    @staticmethod
+    def _load_denial(data: dict, path: Path) -> _Denial | None:
+        """The optional ``denial`` block: ``boundary`` (a regex on the raw message that splits it into
+        clauses), ``clause`` patterns (a clause that denies a red flag: "숨찬 건 없어요", "죽고 싶다는 생각은
+        이제 안 들어요") and ``exempt`` patterns (a clause that only looks like a denial and states the
+        danger: "살고 싶은 마음은 없어요", "의식은 없어요", "움직이지는 않아요")."""
+        block = data.get("denial")
+        if block is None:
+            return None
+        keys = {"boundary", "clause", "exempt", "note"}
+        if not isinstance(block, dict) or set(block) - keys:
+            raise SafetyConfigError(f"{path}: 'denial' must be an object with keys among {sorted(keys - {'note'})}")
+        boundary = block.get("boundary")
+        if not isinstance(boundary, str) or not boundary:
+            raise SafetyConfigError(f"{path}: denial.boundary must be a non-empty regex")
+        try:
+            boundary_re = re.compile(boundary)
+        except re.error as e:
+            raise SafetyConfigError(f"{path}: denial.boundary is not a valid regex ({e})") from None
+        terms = _expand_terms(data.get("terms", {}) or {}, path)
+        lists = []
+        for key in ("clause", "exempt"):
+            patterns = block.get(key) or []
+            if not isinstance(patterns, list):
+                raise SafetyConfigError(f"{path}: denial.{key} must be a list")
+            lists.append(tuple(_compile(p, terms, path, f"denial.{key}[{i}]") for i, p in enumerate(patterns)))
+        return _Denial(boundary_re, *lists)
+
+    def mask_denials(self, message: str) -> str:
+        """`message` without the clauses that deny a red flag (negation scope: "가슴이 아파요. 숨찬 건
+        없어요" -> "가슴이 아파요."), so a denied sign is no evidence for the rules or the classifier.
+        A clause is dropped only when it matches a ``denial.clause`` pattern and no ``exempt`` one;
+        everything else is kept as written. Unchanged when the rules file has no ``denial`` block."""
+        return _mask_denials(self._denial, message) if self._denial is not None else message
+
     def continues(self, message: str) -> bool:
         """True when `message` may carry on the previous turn's notice: it neither resolves the situation
         (a ``resolved`` pattern without a ``worse`` one), nor changes topic, nor is informational."""
@@ -518,6 +579,13 @@ class SafetyLayer:
         turns = [_Turn(t) for t in _user_turns(conversation)[-self.window_user_turns:] if t.strip()]
         if not turns or not _user_turns(conversation)[-1].strip():
             return []
+        # negation scope: a denied red flag ("숨찬 건 없어요") is evidence for neither detector; the
+        # informational test below still reads the message as written
+        masked = [self.mask_denials(t.content) for t in turns]
+        raw = turns
+        turns = [_Turn(m) if m != t.content else t for m, t in zip(masked, turns, strict=True)]
+        if not turns[-1].content.strip():  # the latest message was nothing but a denial
+            return []
         hits = []
         for cat in self.categories:
             for rule in cat.rules:
@@ -526,7 +594,7 @@ class SafetyLayer:
                     hits.append(SafetyHit(cat.name, rule.name, snippet, rule.suppress_answer))
         if self.classifier is not None:
             verdict = self.classifier.assess([t.content for t in turns])
-            if hits and self.classifier.rule_veto and self.is_informational(turns[-1].content):
+            if hits and self.classifier.rule_veto and self.is_informational(raw[-1].content):
                 hits = [h for h in hits if not self.classifier.vetoes(h.category, h.suppress_answer, verdict.scores)]
             for head in verdict.fired:  # a method request shows the self-harm notice and withholds the answer
                 category = "self_harm" if head == "self_harm_method" else head
