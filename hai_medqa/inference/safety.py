@@ -59,6 +59,23 @@ anxiety triggers told as a feeling (``breath_degree``, ``l_en_breath_figurative`
 ("식은땀 그런 건 없어요", "어지럽거나 그런 건 없어요"). A place or time request with a stated intent
 ("... 어디예요? 뛰어내리려고요") is a method request (help only).
 
+**After round 11: negation scope and finished past** (the rules file's ``denial`` block and terms). Each
+user message is split into clauses (``denial.boundary``: sentence ends, commas, "~요 ", "~는데 ", "~지만 ",
+"~없고 ", " but "); a clause that denies a red flag with a topic marker ("숨찬 건 없어요", "식은땀 같은 건 안
+나요", "숨이 차진 않아요", "죽고 싶다는 생각은 이제 전혀 안 들어요", "no shortness of breath", "not suicidal
+anymore") is removed before the rules AND the classifier read the message (``mask_denials``; the training
+applies the same masking), unless it is a negative that states the danger (``denial.exempt``: "살고 싶은
+마음은 없어요", "살 이유는 없어요", "~밖에 없어요", "의식은 없어요", "기침도 안 나와요", "움직이지는 않아요",
+"the bleeding doesn't stop"). The informational test and the continuation block read the message as
+written. Terms in ``none`` lists: a finished past told as such (``past_pluperfect``: -었었- with no 지금 /
+또 / ~는데; ``past_day_done``, ``l_en_past_day_done``: a one-clause report of an episode on an earlier day,
+in the seizure and collapse rules only), hyperbole and degree (``breath_hyperbole``: "죽는 줄 알았어요",
+laughter; ``breath_degree_clause``: "숨 넘어가게 뛰었더니"), a dream or sleep paralysis, a breath symptom
+resolved in the same message, chest pain reproduced by pressing or moving, old self-harm scars
+(``scar_past``), and a carer's question whether a medicine raises suicidal thoughts
+(``side_effect_question``). "머리 깨질 것 같아요" alone is an everyday bad headache; with sudden onset,
+vomiting, a first-ever headache or vision / neck signs it still fires.
+
 What the layer adds is presentation: guidance before the model's text, a short disclaimer after it.
 The model's own text is kept separately (chat history and evaluation use that), so the safety text
 never leaks into the next turn's prompt or into metrics. kiwipiepy is loaded once per process, on

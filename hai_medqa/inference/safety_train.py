@@ -57,7 +57,7 @@ DEFAULT_CORPUS_DIR = RESOURCES / "safety_train"
 EVAL_DIR = RESOURCES / "safety_eval"
 # evaluation sets folded into training (each was run once as a held-out measure before; README record)
 TRAIN_EVAL_SETS = ("main", "round2", "round3", "round4", "round5", "round6", "round7", "round8", "round9",
-                   "round10")
+                   "round10", "round11")
 SEED = 20261130
 FOLDS = 5
 STEPS = 400
@@ -454,6 +454,23 @@ def choose_operating_point(examples: Sequence[Example], probs: np.ndarray, thres
     return budgets, {**info, "chosen": True, "budgets": budgets, "cv": fig}
 
 
+def denial_masker():
+    """The chat's negation scope (``SafetyLayer.mask_denials`` of the bundled rules): the classifier is
+    trained on what it is shown in chat, user messages without the clauses that deny a red flag."""
+    from hai_medqa.inference.safety import SafetyLayer
+
+    return SafetyLayer(classifier=False).mask_denials
+
+
+def masked_turns(turns: Sequence[str], mask) -> tuple[str, ...]:
+    """`turns` as the classifier sees them in chat: denials masked, empty turns dropped; nothing when the
+    latest turn was only a denial (the layer then scores nothing at that turn)."""
+    masked = [mask(t) for t in turns]
+    if not masked or not masked[-1].strip():
+        return ()
+    return tuple(t for t in masked if t.strip())
+
+
 def sha256_path(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -487,7 +504,8 @@ def train(corpus_dir: Path = DEFAULT_CORPUS_DIR, eval_sets: Sequence[str] = TRAI
     base = load_training_examples(corpus_dir, eval_sets)
     examples = augment(base, seed)
     logger.info(f"{len(base)} examples ({len(examples)} with noisy copies) from {corpus_dir} and {list(eval_sets)}")
-    feats = [window_features(e.turns) for e in examples]
+    mask = denial_masker()
+    feats = [window_features(masked_turns(e.turns, mask)) for e in examples]
     y = np.array([e.y for e in examples], dtype=np.float64)
     sw = np.array([e.weight for e in examples])
     groups = [e.group for e in examples]

@@ -144,9 +144,10 @@ def test_rules_are_the_floor(tmp_path, rules_only):
         assert layer.assess(text) == expected, text
 
 
-# rule hits on informational questions (none in any training file); the rules alone fire on each
+# rule hits on informational questions (none in any training file); the rules alone fire on each ("자해 흔적"
+# was the last one until round 11: old self-harm traces no longer fire the self-injury rule, scar_past)
 INFORMATIONAL_RULE_HITS = ["헤파린 맞는 사람은 왜 피가 잘 안 멈춰요?", "노인들은 왜 자살을 많이 하나요?",
-                           "토혈이랑 각혈 차이 알려주세요", "자해 흔적을 부모가 알아채는 신호가 있나요?"]
+                           "토혈이랑 각혈 차이 알려주세요", "자해 상처를 부모가 알아채는 신호가 있나요?"]
 # first-person present statements that carry a question cue: never vetoed
 FIRST_PERSON_WITH_CUES = ["제가 지금 숨이 안 쉬어지는데 왜 그래요?", "죽고 싶은데 왜 이럴까요",
                           "내가 왜 살아야 하는지 모르겠어요", "방금 피를 토했는데 객혈이랑 토혈 차이가 뭐예요?"]
