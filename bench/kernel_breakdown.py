@@ -25,6 +25,8 @@ from collections import defaultdict
 FAMILIES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(pattern, re.IGNORECASE)) for name, pattern in (
     ("communication", r"nccl|allreduce|all_reduce|allgather|all_gather|reduce_scatter|reducescatter|broadcast"),
     ("attention", r"flex_attention|flash|fmha|attention|sdpa|triton_tem_fused_(flex|.*attn)"),
+    # inductor's fused point-wise/reduction kernels (FP8's activation scaling too, though named after _scaled_mm)
+    ("compiled (inductor)", r"^triton_(poi|red|per)_"),
     ("matmul", r"nvjet|gemm|cutlass|xmma|sm90_|sm80_|cublas|ampere_|hopper_|_scaled_mm|\bmm\b|addmm|bmm|"
                r"matmul|linear|triton_tem_fused_(mm|addmm|bmm)"),
     ("attention", r"^triton_tem_fused"),  # flex attention's compiled templates (GEMM templates matched above)
@@ -32,7 +34,6 @@ FAMILIES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(pattern, 
     ("optimizer", r"koptimizer|optimizer|adam|kpreconditionoptimizer|percentile_clipping"),
     ("liger", r"liger|_rms_norm_|_swiglu_|_geglu_|_triton_rope|rope_|cross_entropy|element_mul_kernel|"
               r"fused_linear"),
-    ("compiled (inductor)", r"^triton_(poi|red|per)_"),
     ("copies and fills", r"memcpy|memset|copy|fill|\bcat\b|cat_|catarray|index|gather|scatter|zero_|clone|contiguous|to_copy"),
     ("element-wise", r"elementwise|vectorized|unrolled|reduce_kernel|add|mul|silu|sigmoid|neg|pow|rsqrt|mean|sum|"
                      r"where|clamp|exp|sqrt|div|sub|softmax"),
@@ -83,6 +84,8 @@ def durations_from_profiler(prof, *, cuda: bool) -> dict[str, float]:
 
     out: dict[str, float] = defaultdict(float)
     for e in prof.events():
+        if getattr(e, "is_user_annotation", False):
+            continue  # record_function ranges (e.g. "Optimizer.step#...") span kernels counted on their own
         if cuda and e.device_type == DeviceType.CUDA:
             out[e.name] += e.device_time_total
         elif not cuda and e.device_type == DeviceType.CPU and e.name.startswith("aten::"):
