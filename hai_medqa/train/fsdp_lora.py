@@ -4,8 +4,9 @@
     fsdp_lora.broadcast_from_rank0(trainable_params)                   # after it
     fsdp_lora.average_gradients(trainable_params, world_size)          # once per optimizer step
 
-FSDP1 (the version bitsandbytes' 4-bit weights shard on) wraps each decoder layer as one unit, plus
-the root (embeddings, final norm, head): only frozen weights are flattened and sharded. Every module
+FSDP1 (the version bitsandbytes' 4-bit weights shard on) wraps each decoder layer as one unit, the input
+embedding as another when it is not tied to the head, plus the root (final norm, head; the embedding too
+when tied): only frozen weights are flattened and sharded. Every module
 that holds a trained tensor (PEFT's lora_A / lora_B linears) is an FSDP *ignored module*: FSDP neither
 flattens, shards, gathers nor reduces it, so the LoRA weights, their gradients and the optimizer state
 are ordinary whole tensors on every process, as under DDP. Checkpoints and adapters then take the
@@ -71,12 +72,37 @@ def replicated_modules(model: torch.nn.Module, layer_classes: set[type]) -> list
     return out
 
 
-def configure(model: torch.nn.Module, plugin: Any) -> dict[str, int]:
-    """Set accelerate's FSDP1 plugin to wrap only the decoder layers and to ignore (replicate) every
-    module holding a trained tensor; return {"decoder_layers", "replicated_modules",
-    "replicated_params"} for the log. Call before ``accelerator.prepare_model``."""
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+def separate_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The input embedding module, when it can be an FSDP unit of its own: untied from the output head
+    (EXAONE-3.5 7.8B and 32B; the 2.4B model ties them, and one weight cannot live in two units)."""
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if embedding is None or (head is not None and head.weight is embedding.weight):
+        return None
+    return embedding
 
+
+def _wrap_policy(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int, *, classes: tuple[type, ...],
+                 extra: tuple[torch.nn.Module, ...]) -> bool:
+    """torch's auto-wrap policy protocol: descend everywhere; wrap the decoder layers and the `extra` modules."""
+    if recurse:
+        return True
+    return isinstance(module, classes) or any(module is m for m in extra)
+
+
+def configure(model: torch.nn.Module, plugin: Any) -> dict[str, int]:
+    """Set accelerate's FSDP1 plugin to wrap the decoder layers (and an untied input embedding) as units and
+    to ignore (replicate) every module holding a trained tensor; return {"decoder_layers",
+    "embedding_unit", "units", "replicated_modules", "replicated_params"}. Call before
+    ``accelerator.prepare_model``.
+
+    Why the embedding gets its own unit: FSDP1 keeps the root unit's parameters gathered from the root's
+    forward to the end of its backward (torch's ``_post_forward_reshard`` skips the root), so an embedding
+    left in the root is held whole through the whole step; at 32B that is 102,400 x 5,120 bf16 = 0.98 GiB
+    per GPU beside its shard. As its own unit it is gathered for the embedding lookup only (and once more at
+    the very end of the backward). The head stays in the root: Liger's fused loss reads its weight directly,
+    outside any forward FSDP could gather it for.
+    """
     classes = decoder_layer_classes(model, getattr(plugin, "transformer_cls_names_to_wrap", None))
     ignored = replicated_modules(model, classes)
     # With fsdp_cpu_ram_efficient_loading (the shipped config) ranks > 0 load the model on `meta`, and PEFT
@@ -86,15 +112,19 @@ def configure(model: torch.nn.Module, plugin: Any) -> dict[str, int]:
     for module in ignored:
         if any(p.is_meta for p in module.parameters(recurse=False)):
             module.to_empty(device=device, recurse=False)
+    embedding = separate_embedding(model)
+    extra = (embedding,) if embedding is not None else ()
     # A ready policy (a partial, not torch's bare function): accelerate's set_auto_wrap_policy leaves it as is.
-    plugin.auto_wrap_policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=classes)
+    plugin.auto_wrap_policy = functools.partial(_wrap_policy, classes=tuple(classes), extra=extra)
     plugin.ignored_modules = ignored
     layers = sum(1 for m in model.modules() if isinstance(m, tuple(classes)))
     params = sum(p.numel() for m in ignored for p in m.parameters(recurse=False))
-    info = {"decoder_layers": layers, "replicated_modules": len(ignored), "replicated_params": int(params)}
-    logger.info(f"FSDP: {layers} decoder layers ({', '.join(sorted(c.__name__ for c in classes))}) + the root as "
-                f"units, the 4-bit base sharded; {len(ignored)} LoRA modules ({params:,} parameters) replicated "
-                "on every process, their gradients averaged once per step")
+    info = {"decoder_layers": layers, "embedding_unit": len(extra), "units": layers + len(extra) + 1,
+            "replicated_modules": len(ignored), "replicated_params": int(params)}
+    logger.info(f"FSDP: {layers} decoder layers ({', '.join(sorted(c.__name__ for c in classes))})"
+                f"{' + the input embedding' if extra else ''} + the root as units, the 4-bit base sharded; "
+                f"{len(ignored)} LoRA modules ({params:,} parameters) replicated on every process, their gradients "
+                "averaged once per step")
     return info
 
 

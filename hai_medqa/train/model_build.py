@@ -129,7 +129,7 @@ def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resum
         checkpoint.load_adapter_weights(model, resume_from, device)
     fsdp_units = None
     if runtime.fsdp_version is not None:  # decoder layers as units (frozen base sharded), LoRA replicated
-        fsdp_units = fsdp_lora.configure(model, runtime.accelerator.state.fsdp_plugin)["decoder_layers"] + 1
+        fsdp_units = fsdp_lora.configure(model, runtime.accelerator.state.fsdp_plugin)["units"]
     compiled = 0
     if cfg.compile_layers:  # in place, before DDP wraps the model (module names unchanged)
         fixed_rows = cfg.batching == "packed" and cfg.pad_to_fixed_length
@@ -138,7 +138,10 @@ def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resum
     if fsdp_units is not None:
         got = fsdp_lora.fsdp_unit_count(prepared)
         if got != fsdp_units:  # e.g. a wrap policy from elsewhere: the replicated-LoRA path would not hold
-            raise TrainingError(f"FSDP wrapped {got} units, expected {fsdp_units} (decoder layers + root)")
+            raise TrainingError(f"FSDP wrapped {got} units, expected {fsdp_units} (decoder layers, untied "
+                                "embedding, root)")
+        if torch.cuda.is_available():  # the whole model each process loaded before sharding: give it back
+            torch.cuda.empty_cache()
         # ignored modules are not broadcast by FSDP: start every replica from rank 0's LoRA, as DDP does
         fsdp_lora.broadcast_from_rank0([p for p in prepared.parameters() if p.requires_grad])
     return BuiltModel(model=prepared, compute_dtype=compute_dtype, attn_implementation=attn_implementation,

@@ -144,16 +144,30 @@ def test_two_fsdp_processes_save_every_lora_tensor_like_one_process(runs, tiny_e
 
 
 def test_fsdp_wraps_only_the_decoder_layers_and_replicates_lora(runs, tiny_exaone_dir):
-    """One FSDP unit per decoder layer plus the root; every LoRA tensor a whole, unflattened parameter on
-    every rank. (PEFT's wrap policy, used before, made each LoRA matrix a unit of its own: 46 here.)"""
-    layers = json.loads((tiny_exaone_dir / "config.json").read_text(encoding="utf-8"))["num_layers"]
+    """One FSDP unit per decoder layer, one for the (untied) input embedding, plus the root; every LoRA tensor
+    a whole, unflattened parameter on every rank. (PEFT's wrap policy, used before, made each LoRA matrix a
+    unit of its own: 46 here.)"""
+    config = json.loads((tiny_exaone_dir / "config.json").read_text(encoding="utf-8"))
+    layers = config["num_layers"]
+    assert config["tie_word_embeddings"] is False  # like EXAONE-3.5 7.8B and 32B
     for rank in (0, 1):
         probe = json.loads((runs["probe"] / f"units_rank{rank}.json").read_text(encoding="utf-8"))
-        assert probe["fsdp_units"] == layers + 1, probe
-        assert probe["built_fsdp_units"] == layers + 1
+        assert probe["fsdp_units"] == layers + 2, probe
+        assert probe["built_fsdp_units"] == layers + 2
         assert probe["trainable_flat_params"] == 0  # FSDP manages no trained tensor
         assert probe["trainable_params"] == 2 * 7 * layers  # lora_A, lora_B of 7 projections, whole
-        assert probe["frozen_flat_params"] == layers + 1  # the base is flattened (sharded) per unit
+        assert probe["frozen_flat_params"] == layers + 2  # the base is flattened (sharded) per unit
+
+
+def test_the_embedding_is_not_held_whole_through_the_backward(runs):
+    """In the middle of the backward (the gradient of the middle decoder layer's output), the input embedding's
+    full weight is freed on every rank: only its shard stays. In the root unit, as before, FSDP1 kept it
+    gathered from the forward to the end of the backward (0.98 GiB per GPU at 32B); the head, which stays in
+    the root, is still whole there (the probe reads both, so this test can tell them apart)."""
+    for rank in (0, 1):
+        seen = json.loads((runs["probe"] / f"mid_backward_rank{rank}.json").read_text(encoding="utf-8"))
+        assert seen["embedding_full_elements"] == 0, seen
+        assert seen["head_full_elements"] >= seen["head_elements"] > 0, seen  # the root flat parameter: head + norm
 
 
 def test_lora_gradients_are_identical_on_every_rank_after_the_sync(runs):
@@ -242,6 +256,7 @@ def _install_probe(folder: Path, trainer_module) -> None:
                  "frozen_flat_params": sum(not p.requires_grad for p in flat),
                  "trainable_params": sum(p.requires_grad and not isinstance(p, FlatParameter) for p in params)}
         (folder / f"units_rank{rank}.json").write_text(json.dumps(probe), encoding="utf-8")
+        _probe_mid_backward(built.model, folder / f"mid_backward_rank{rank}.json")
         return built
 
     def average_gradients(params, world_size):
@@ -255,6 +270,32 @@ def _install_probe(folder: Path, trainer_module) -> None:
 
     trainer_module.build_model = build_model
     fsdp_lora.average_gradients = average_gradients
+
+
+def _probe_mid_backward(model, out: Path) -> None:
+    """When the gradient of the middle decoder layer's output is computed (first time only), write how many
+    elements the storages behind the input embedding's and the head's weights hold: 0 once FSDP freed the
+    gathered weight (FSDP1 with use_orig_params=False leaves the module's weight a view of the full flat
+    parameter, whose storage it resizes to 0 on resharding)."""
+    inner = model.module if hasattr(model, "module") else model
+    embedding, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    layers = [m for m in inner.modules() if type(m).__name__.endswith("DecoderLayer")]  # inside FSDP wrappers
+    middle = layers[len(layers) // 2]
+
+    def check(grad):
+        if not out.exists():
+            out.write_text(json.dumps({
+                "embedding_full_elements": embedding.weight.untyped_storage().size() // embedding.weight.element_size(),
+                "head_full_elements": head.weight.untyped_storage().size() // head.weight.element_size(),
+                "head_elements": head.weight.numel()}), encoding="utf-8")
+        return grad
+
+    def on_forward(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            hidden.register_hook(check)
+
+    middle.register_forward_hook(on_forward)
 
 
 if __name__ == "__main__":
