@@ -62,7 +62,10 @@ class OffloadStats:
     packed_bytes: int = 0
     """Their bytes."""
     kept: int = 0
-    """Saved tensors left where they were: empty ones, and leaves needing a gradient (the graph holds them)."""
+    """Saved leaves needing a gradient, left where they were (the graph holds them anyway)."""
+    empty: int = 0
+    """Saved empty tensors, left as they are (torch 2.11's checkpoint saves an empty placeholder per call,
+    2.13's does not: counted apart so the other counts mean the same on both)."""
     unpacked: int = 0
     """Tensors brought back for a recomputation."""
     prefetched: int = 0
@@ -101,7 +104,10 @@ class ActivationOffloader:
     # ----------------------------------------------------------------- hooks
     def pack(self, tensor: torch.Tensor) -> Any:
         """Forward: copy `tensor` to host memory (asynchronously on CUDA) and return the handle."""
-        if tensor.numel() == 0 or (tensor.is_leaf and tensor.requires_grad):
+        if tensor.numel() == 0:
+            self.stats.empty += 1
+            return tensor
+        if tensor.is_leaf and tensor.requires_grad:
             # A leaf that needs a gradient is held by its AccumulateGrad node as long as the graph lives (the
             # first layer's input: the embedding output made to require grad): a copy would free nothing.
             self.stats.kept += 1

@@ -102,6 +102,8 @@ def test_offloading_trains_bitwise_like_keeping_the_inputs(tiny_llama_dir, every
     # output, a leaf the graph holds anyway, so it stays; each other one goes out, comes back once, all but the
     # first of each backward already prefetched one layer ahead
     offloaded = len(checkpointed) - 1
+    # (empty placeholders are counted apart: torch 2.11's checkpoint saves one per call, 2.13's none; on the
+    # GPU image's 2.11 this count read 16 and 12 here when empties were counted as kept, 2026-11-30)
     assert stats.kept == len(batches)
     assert stats.packed == stats.unpacked == offloaded * len(batches)
     assert stats.prefetched == (offloaded - 1) * len(batches)
