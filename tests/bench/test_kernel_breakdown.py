@@ -2,20 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("kernel_breakdown", REPO / "bench" / "kernel_breakdown.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize(("name", "expected"), [
@@ -43,12 +31,12 @@ def _module():
     ("aten::cat", "copies and fills"),
     ("some_kernel_nobody_named", "other"),
 ])
-def test_kernel_names_fall_into_their_family(name, expected):
-    assert _module().family(name) == expected
+def test_kernel_names_fall_into_their_family(name, expected, bench_module):
+    assert bench_module("kernel_breakdown").family(name) == expected
 
 
-def test_breakdown_sums_families_and_divides_by_steps():
-    b = _module().breakdown({"nvjet_a": 600.0, "aten::addmm": 200.0, "kDequantizeBlockwise": 150.0,
+def test_breakdown_sums_families_and_divides_by_steps(bench_module):
+    b = bench_module("kernel_breakdown").breakdown({"nvjet_a": 600.0, "aten::addmm": 200.0, "kDequantizeBlockwise": 150.0,
                              "unknown": 50.0}, steps=2, top=2)
     fams = b["families"]
     assert list(fams) == ["matmul", "nf4 dequantisation", "other"]  # largest first
@@ -57,10 +45,10 @@ def test_breakdown_sums_families_and_divides_by_steps():
     assert [k["name"] for k in b["top_kernels"]] == ["nvjet_a", "aten::addmm"]
 
 
-def test_user_annotations_are_not_counted_beside_their_kernels():
+def test_user_annotations_are_not_counted_beside_their_kernels(bench_module):
     """record_function ranges (the optimizer's "Optimizer.step#...") span kernels that are counted on their own;
     counting the range too would count its time twice (the first GPU breakdown did: optimizer 8.6% -> ~0.5%)."""
-    mod = _module()
+    mod = bench_module("kernel_breakdown")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         a = torch.randn(128, 128)
         with torch.profiler.record_function("aten::mm_annotation_range"):
@@ -71,9 +59,9 @@ def test_user_annotations_are_not_counted_beside_their_kernels():
     assert not any("annotation_range" in n for n in names)
 
 
-def test_step_profiler_traces_only_the_steps_after_its_start():
+def test_step_profiler_traces_only_the_steps_after_its_start(bench_module):
     """A real torch.profiler trace (CPU): steps 1-2 untraced, 3-4 traced (matmuls), step 5 untraced (adds)."""
-    mod = _module()
+    mod = bench_module("kernel_breakdown")
     prof = mod.StepProfiler(start_after_step=2, steps=2, cuda=False)
     a = torch.randn(64, 64)
     for step in range(1, 6):

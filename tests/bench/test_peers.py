@@ -132,10 +132,8 @@ def test_trl_arm_trains_on_the_projects_samples_on_cpu(tmp_path):
     assert any(ln.startswith("peer trl:sdpa:nockpt [~fast]") for ln in proc.stdout.splitlines())
 
 
-def test_arms_side_by_side_each_get_one_gpu_and_keep_their_order(capsys):
-    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench" / "train_throughput.py")
-    tt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tt)
+def test_arms_side_by_side_each_get_one_gpu_and_keep_their_order(capsys, bench_module):
+    tt = bench_module("train_throughput")
     code = "import os, sys; print('on', os.environ.get('CUDA_VISIBLE_DEVICES', 'all')); sys.exit(int(sys.argv[1]))"
     jobs = [{"key": i, "spec": {"name": f"arm{i}"}, "cmd": [sys.executable, "-c", code, str(rc)]}
             for i, rc in enumerate([0, 3, 0, 0, 0])]

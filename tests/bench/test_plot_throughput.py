@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("plot_throughput", REPO / "bench" / "plot_throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _write(path: Path, shape: str, *results: dict) -> Path:
@@ -28,8 +18,8 @@ def _result(name: str, profile: str, tok_s: float) -> dict:
             "losses": [10.0, 5.0, 1.0]}
 
 
-def test_files_of_one_shape_merge_and_the_png_is_written(tmp_path):
-    mod = _module()
+def test_files_of_one_shape_merge_and_the_png_is_written(tmp_path, bench_module):
+    mod = bench_module("plot_throughput")
     a = _write(tmp_path / "a.json", "7.8b", _result("baseline", "seed-style", 1000), _result("auto", "fast", 9000))
     b = _write(tmp_path / "b.json", "7.8b", _result("auto", "fast", 12000), _result("plain", "plain", 3000))
     shape, _, results = mod.load_results([a, b])
@@ -41,8 +31,8 @@ def test_files_of_one_shape_merge_and_the_png_is_written(tmp_path):
     assert not list(out.parent.glob(".*.tmp"))
 
 
-def test_mixed_shapes_and_unreadable_files_are_refused(tmp_path):
-    mod = _module()
+def test_mixed_shapes_and_unreadable_files_are_refused(tmp_path, bench_module):
+    mod = bench_module("plot_throughput")
     a = _write(tmp_path / "a.json", "7.8b", _result("lean", "lean", 9000))
     b = _write(tmp_path / "b.json", "2.4b", _result("lean", "lean", 13000))
     with pytest.raises(SystemExit, match="mix model shapes"):
