@@ -227,7 +227,7 @@ def run_variant(spec: dict) -> dict:
         "attn_used": trainer.attn_implementation, "liger_used": trainer.liger_applied,
         "real_tokens_per_s": tokens / wall, "steps_timed": len(timed), "tokens_timed": tokens,
         "num_processes": trainer.world_size, "fsdp_version": trainer.fsdp_version,
-        "fsdp_units": trainer.built.fsdp_units,  # decoder layers + root (LoRA replicated: fsdp_lora.py)
+        "fsdp_units": trainer.built.fsdp_units,  # decoder layers, untied embedding, root (LoRA replicated: fsdp_lora.py)
         "offloaded_layers": trainer.built.offloaded_layers,  # offload_activations (activation_offload.py)
         "real_tokens_per_s_per_gpu": tokens / wall / trainer.world_size,
         # the report's peak is the largest GPU's; per_gpu_peaks lists them all

@@ -50,7 +50,7 @@ class BuiltModel:
     compiled_layers: int = 0
     """Decoder layers running as compiled regions while training (compile_layers; compile_regions.py)."""
     fsdp_units: int | None = None
-    """Under FSDP: the FSDP units (decoder layers + root); None otherwise."""
+    """Under FSDP: the FSDP units (decoder layers, an untied input embedding, the root); None otherwise."""
     offloaded_layers: int = 0
     """Checkpointed decoder layers whose saved input lives in host memory (offload_activations)."""
 
