@@ -3,11 +3,32 @@ session into a temporary folder and reused by every test that asks for them."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# One CPU thread for torch, here and in every script a test starts (they inherit the environment; set
+# before any test module imports torch, so threads torch starts later get it too). The tiny stand-ins'
+# operations are too small to gain from a second thread, and on the shared 2-core machine (CI builds
+# llama.cpp beside the suite) OpenMP's two threads wait for each other whenever the other core is busy:
+# an evaluation pass of the tiny model took 7.4 s on 2 threads and 0.2 s on 1 (tests/train/test_eval_loss.py).
+# Speed only: the scripts under test are the same, and a run's own cpu_threads still applies.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_cpu_thread():
+    """torch on one thread in this process too (in case torch was imported before this file)."""
+    import torch
+
+    before, wanted = torch.get_num_threads(), os.environ["OMP_NUM_THREADS"]
+    if wanted.isdigit() and int(wanted) > 0:
+        torch.set_num_threads(int(wanted))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -23,8 +44,6 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _hai_medqa_cache(tmp_path_factory) -> Path:
     """Keep converted checkpoints out of the user's ~/.cache during tests."""
-    import os
-
     cache = tmp_path_factory.mktemp("hai_medqa_cache")
     old = os.environ.get("HAI_MEDQA_CACHE")
     os.environ["HAI_MEDQA_CACHE"] = str(cache)
