@@ -26,7 +26,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from in_process import run_main
 from safetensors.torch import load_file
+
+import S_F2
 
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -45,34 +48,16 @@ def _overrides(tiny_exaone_dir, sample_jsonl, out: Path, cache: Path, **extra) -
 
 def launch(n_processes: int, args: list[str], *, expect_ok: bool = True) -> subprocess.CompletedProcess:
     """S_F2.py on n processes: through `accelerate launch` and configs/accelerate/ddp.yaml when n > 1.
-    One process runs S_F2's main in this interpreter (`run_one_process`) unless a GPU is visible."""
+    One process runs S_F2's main in this interpreter (no second interpreter's imports), unless a GPU is
+    visible: the multi-process runs it is compared with train on the CPU (CUDA_VISIBLE_DEVICES="")."""
     cmd = [sys.executable, str(REPO / "S_F2.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *args]
     if n_processes == 1 and not torch.cuda.is_available():
-        return run_one_process(cmd[2:], expect_ok=expect_ok)
+        return run_main(S_F2.main, cmd[2:], expect_ok=expect_ok)
     if n_processes > 1:
         cmd = [str(ACCELERATE), "launch", "--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml"),
                "--num_processes", str(n_processes), "--main_process_port", "0", *cmd[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    if expect_ok:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def run_one_process(argv: list[str], *, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    """S_F2.py's main through run_cli in this interpreter, its stderr captured: the same code as the
-    script on one process, without a second interpreter's ~6 s of imports on the 2-core machine. Only
-    without a GPU: the multi-process runs it is compared with train on the CPU (CUDA_VISIBLE_DEVICES="")."""
-    import contextlib
-    import io
-
-    import S_F2
-    from hai_medqa.cli import run_cli
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        returncode = run_cli(S_F2.main, argv)
-    proc = subprocess.CompletedProcess(["S_F2.py", *argv], returncode, "", err.getvalue())
     if expect_ok:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -66,8 +66,16 @@ def launch_fsdp(args: list[str], *, n_processes: int = 2, expect_ok: bool = True
 
 
 def launch_one(args: list[str]) -> subprocess.CompletedProcess:
-    """The same recipe on one plain process (no FSDP): the adapter every other setup must match."""
+    """The same recipe on one plain process (no FSDP): the adapter every other setup must match. S_F2's
+    main runs in this interpreter (no second interpreter's imports), unless a GPU is visible: the FSDP
+    runs it is compared with train on the CPU (CUDA_VISIBLE_DEVICES="")."""
     cmd = [sys.executable, str(REPO / "S_F2.py"), "--config", str(REPO / "configs" / "tiny_cpu.yaml"), *args]
+    if not torch.cuda.is_available():
+        from in_process import run_main  # not at the top: this file is also the FSDP launcher entry
+
+        import S_F2
+
+        return run_main(S_F2.main, cmd[2:])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-4000:]
