@@ -102,6 +102,7 @@ DEFAULT_WINDOW_USER_TURNS = 3
 LEMMA_PREFIX = "lemma:"
 _TERM_REF = re.compile(r"@\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _WHITESPACE = re.compile(r"\s+")
+_HANGUL = re.compile(r"[\uac00-\ud7a3]")
 # kiwipiepy tags left out of the lemma view: punctuation and symbols (incl. emoticons such as ㅠㅠ).
 _DROPPED_TAGS = frozenset({"SF", "SP", "SS", "SSO", "SSC", "SE", "SO", "SW", "SB", "UN", "W_EMOJI"})
 # kiwipiepy writes some endings as final-consonant jamo (U+11xx, e.g. the ETM in "쉴 수"); the view
@@ -276,6 +277,7 @@ class _Denial:
     boundary: re.Pattern  # splits a raw message into clauses (the separators are kept)
     clause: tuple[_Pattern, ...]
     exempt: tuple[_Pattern, ...]
+    max_syllables: int = 0  # a longer clause (Hangul syllables) is never masked: the split did not isolate the denial
 
 
 @functools.lru_cache(maxsize=8192)
@@ -290,7 +292,8 @@ def _mask_denials(denial: _Denial, message: str) -> str:
     kept = []
     for piece in pieces:
         turn = _Turn(piece)
-        if piece.strip() and _any_match(denial.clause, turn) and not _any_match(denial.exempt, turn):
+        too_long = denial.max_syllables and len(_HANGUL.findall(piece)) > denial.max_syllables
+        if piece.strip() and not too_long and _any_match(denial.clause, turn) and not _any_match(denial.exempt, turn):
             continue
         kept.append(piece)
     return "".join(kept)
@@ -503,13 +506,13 @@ class SafetyLayer:
     @staticmethod
     def _load_denial(data: dict, path: Path) -> _Denial | None:
         """The optional ``denial`` block: ``boundary`` (a regex on the raw message that splits it into
-        clauses), ``clause`` patterns (a clause that denies a red flag: "숨찬 건 없어요", "죽고 싶다는 생각은
+        clauses; a clause of more than ``max_clause_syllables`` Hangul syllables is kept whole), ``clause`` patterns (a clause that denies a red flag: "숨찬 건 없어요", "죽고 싶다는 생각은
         이제 안 들어요") and ``exempt`` patterns (a clause that only looks like a denial and states the
         danger: "살고 싶은 마음은 없어요", "의식은 없어요", "움직이지는 않아요")."""
         block = data.get("denial")
         if block is None:
             return None
-        keys = {"boundary", "clause", "exempt", "note"}
+        keys = {"boundary", "clause", "exempt", "max_clause_syllables", "note"}
         if not isinstance(block, dict) or set(block) - keys:
             raise SafetyConfigError(f"{path}: 'denial' must be an object with keys among {sorted(keys - {'note'})}")
         boundary = block.get("boundary")
@@ -526,7 +529,10 @@ class SafetyLayer:
             if not isinstance(patterns, list):
                 raise SafetyConfigError(f"{path}: denial.{key} must be a list")
             lists.append(tuple(_compile(p, terms, path, f"denial.{key}[{i}]") for i, p in enumerate(patterns)))
-        return _Denial(boundary_re, *lists)
+        longest = block.get("max_clause_syllables", 0)
+        if not isinstance(longest, int) or isinstance(longest, bool) or longest < 0:
+            raise SafetyConfigError(f"{path}: denial.max_clause_syllables must be a non-negative integer (0: no limit)")
+        return _Denial(boundary_re, *lists, longest)
 
     def mask_denials(self, message: str) -> str:
         """`message` without the clauses that deny a red flag (negation scope: "가슴이 아파요. 숨찬 건

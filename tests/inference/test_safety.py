@@ -551,8 +551,12 @@ def test_round11_classes_by_rules(rules_layer, text, expected, suppress):
 def test_mask_denials_drops_only_denying_clauses(rules_layer):
     assert rules_layer.mask_denials("가슴이 아파요. 숨찬 건 없어요") == "가슴이 아파요. "
     assert rules_layer.mask_denials("밥 먹을 생각도 없고 죽고 싶어요") == "죽고 싶어요"
+    assert rules_layer.mask_denials("몸이 불덩이인데 땀은 안 나고 저를 못 알아보세요") == "몸이 불덩이인데 땀은 안 나고 저를 못 알아보세요"
+    assert rules_layer.mask_denials("가슴이 답답한데 식은땀은 안 나요") == "가슴이 답답한데 "
     for kept in ("살 이유는 없어요", "죽고 싶은 생각밖에 없어요", "의식은 없어요", "애가 기침도 소리도 안 나와요",
-                 "아이가 움직이지는 않아요", "The bleeding doesn't stop", "나 같은 건 없어져야 해"):
+                 "아이가 움직이지는 않아요", "The bleeding doesn't stop", "나 같은 건 없어져야 해",
+                 # danger signs that look like denials: no more shivering, no sweat in a burning body, no answer
+                 "몸을 덜덜 떨다가 이젠 떨지도 않아요", "몸이 불덩이인데 땀은 안 나요", "불러도 대답은 안 해요"):
         assert rules_layer.mask_denials(kept) == kept
     # a message that is only a denial gives nothing at its turn
     assert rules_layer.check("숨찬 건 전혀 없어요") == []
