@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fault_support import count_fault, default_sigint, report_counts, signal_and_wait
+from fault_support import count_fault, default_sigint, report_counts
 
 import S_F2
 from hai_medqa.cli import run_cli
@@ -74,13 +74,6 @@ def reference(tiny_exaone_dir, sample_jsonl, tmp_path_factory) -> dict:
     return {"cache": cache, "weights": sha256_file(out / "adapter_last" / WEIGHTS)}
 
 
-def _wait(proc: subprocess.Popen, ready, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert ready(), proc.communicate(timeout=5)
-
-
 def _reached_step(out: Path, step: int):
     def ready() -> bool:
         try:
@@ -91,34 +84,68 @@ def _reached_step(out: Path, step: int):
     return ready
 
 
-@pytest.mark.parametrize(("point", "sig"), FAULTS)
-def test_killed_training_keeps_files_and_resumes_to_the_same_adapter(point, sig, reference, tiny_exaone_dir,
-                                                                     sample_jsonl, tmp_path, capfd):
-    out = tmp_path / "run"
-    argv = _argv(tiny_exaone_dir, sample_jsonl, out, reference["cache"])
+@pytest.fixture(scope="module")
+def killed(reference, tiny_exaone_dir, sample_jsonl, tmp_path_factory) -> dict:
+    """Every fault's run, started together and each signalled once it reaches its point (the
+    interpreters' and torch's start-ups overlap on the 2-core machine, as in
+    tests/inference/test_generation_faults.py). Per fault: its argv and folder, every file that existed
+    when its signal was sent (the inputs, and the checkpoints written by then), its exit status and stderr."""
     inputs = [Path(tiny_exaone_dir), sample_jsonl["train"].parent]
     before = _snapshot(*inputs)
-    announce = tmp_path / "paused"
-    env = {**os.environ, FAULT_FILE_ENV: str(announce), FAULT_PAUSE_ENV: "3"}
-    if POINTS[point]:
-        env[FAULT_POINT_ENV] = POINTS[point]
-    proc = subprocess.Popen([sys.executable, "S_F2.py", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=default_sigint)  # Ctrl-C as at a terminal, even from a background runner
+    cases, procs = {}, {}
     try:
-        _wait(proc, announce.exists if POINTS[point] else _reached_step(out, 4))
-        # what exists when the signal is sent must survive it byte for byte
-        before |= {k: v for k, v in _snapshot(out / "checkpoints").items() if "/step_" in k and ".partial" not in k}
-    except BaseException:
-        proc.kill()
-        raise
-    err = signal_and_wait(proc, getattr(signal, sig), timeout=120)
+        for point, sig in FAULTS:
+            tmp = tmp_path_factory.mktemp(f"fault_{point}_{sig}")
+            out, announce = tmp / "run", tmp / "paused"
+            case = cases[point, sig] = {"out": out, "inputs": inputs, "stderr": tmp / "stderr.txt",
+                                        "argv": _argv(tiny_exaone_dir, sample_jsonl, out, reference["cache"]),
+                                        "ready": announce.exists if POINTS[point] else _reached_step(out, 4)}
+            env = {**os.environ, FAULT_FILE_ENV: str(announce), FAULT_PAUSE_ENV: "3"}
+            if POINTS[point]:
+                env[FAULT_POINT_ENV] = POINTS[point]
+            with open(case["stderr"], "w", encoding="utf-8") as err:
+                procs[point, sig] = subprocess.Popen(
+                    [sys.executable, "S_F2.py", *case["argv"]], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                    stderr=err, preexec_fn=default_sigint)  # Ctrl-C as at a terminal, even from a background runner
+        waiting = set(procs)
+        deadline = time.monotonic() + 300
+        while waiting and time.monotonic() < deadline:
+            for key in sorted(waiting):
+                case = cases[key]
+                if case["ready"]():
+                    # what exists when the signal is sent must survive it byte for byte
+                    case["before"] = before | {k: v for k, v in _snapshot(case["out"] / "checkpoints").items()
+                                               if "/step_" in k and ".partial" not in k}
+                    procs[key].send_signal(getattr(signal, key[1]))
+                    waiting.discard(key)
+                elif procs[key].poll() is not None:  # ended without reaching its point: its test fails
+                    waiting.discard(key)
+            time.sleep(0.02)
+        for key in waiting:  # never reached its point in time: stopped, its test fails
+            procs[key].kill()
+        for key, proc in procs.items():
+            proc.wait(timeout=120)
+            cases[key]["returncode"] = proc.returncode
+            cases[key]["err"] = cases[key]["stderr"].read_text(encoding="utf-8")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return cases
+
+
+@pytest.mark.parametrize(("point", "sig"), FAULTS)
+def test_killed_training_keeps_files_and_resumes_to_the_same_adapter(point, sig, killed, reference, capfd):
+    case = killed[point, sig]
+    out, argv, inputs, err = case["out"], case["argv"], case["inputs"], case["err"]
+    assert "before" in case, f"{point} never reached (rc {case['returncode']}):\n{err[-3000:]}"
+    before = case["before"]
     count_fault(COUNTS, sig, point)
     signum = getattr(signal, sig)
     expected_rc = {"SIGKILL": -signum}.get(sig, 128 + signum if point == "early" else 75)
-    assert proc.returncode == expected_rc, err
+    assert case["returncode"] == expected_rc, err
     if sig != "SIGKILL":
-        assert err.strip().splitlines()[-1].startswith("interrupted by ") or proc.returncode == 75, err
+        assert err.strip().splitlines()[-1].startswith("interrupted by ") or case["returncode"] == 75, err
         assert "second Ctrl-C" not in err
 
     after = _snapshot(*inputs, out / "checkpoints")
