@@ -4,6 +4,7 @@ clear errors."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -143,20 +144,21 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert rc == 1 and "error: " in err and "nope" in err and "Traceback" not in err
 
 
-def test_repl_drops_the_oldest_turns_to_fit_the_context(repo_root, tiny_exaone_dir, tiny_lm):
+def test_repl_drops_the_oldest_turns_to_fit_the_context(tiny_exaone_dir, tiny_lm, monkeypatch, capsys):
     """The tiny model takes 1024 positions; with 8 kept for the answer, three ~310-token questions no
     longer fit: the oldest exchange goes (with a notice), never the system prompt or the question. A
-    question too long on its own is refused and the history kept."""
+    question too long on its own is refused and the history kept. chat.py's main in this process with
+    its stdin replaced (the REPL reads a non-terminal stdin line by line, as from the pipe in the test
+    above, which runs the script itself)."""
     max_new = 8
     filler = "어제부터 머리가 아프고 열이 나며 목이 따끔거립니다. " * 9
     questions = [f"{i}번째 질문: {filler}".strip() for i in range(1, 5)]
     too_long = "아주 긴 질문: " + filler * 4
-    proc = subprocess.run(
-        [sys.executable, str(repo_root / "chat.py"), "--model", str(tiny_exaone_dir), "--dtype", "float32",
-         "--device", "cpu", "--max-new-tokens", str(max_new), "--show-prompt", "--no-safety"],
-        input="\n".join([*questions[:3], too_long, questions[3]]) + "\n", capture_output=True, text=True,
-        encoding="utf-8", timeout=300, cwd=repo_root, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join([*questions[:3], too_long, questions[3]]) + "\n"))
+    capsys.readouterr()
+    rc = run_cli(chat_main, ["--model", str(tiny_exaone_dir), "--dtype", "float32", "--device", "cpu",
+                             "--max-new-tokens", str(max_new), "--show-prompt", "--no-safety"])
+    proc = subprocess.CompletedProcess(["chat.py"], rc, *capsys.readouterr())
     assert proc.returncode == 0, proc.stderr[-2000:]
     prompts = [json.loads(line[len("[prompt] "):]) for line in proc.stderr.splitlines() if line.startswith("[prompt] ")]
     assert len(prompts) == 4  # the too-long question generated nothing
