@@ -4,11 +4,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -129,15 +128,16 @@ def test_chat_batch_uses_the_release_prompt(tmp_path, release_dir, capsys):
     assert [o["model_answer"] for o in out] == expected
 
 
-def test_repl_uses_the_trained_prompt_and_system_still_replaces_it(repo_root, tiny_exaone_dir, custom_run):
-    proc = subprocess.run(
-        [sys.executable, str(repo_root / "chat.py"), *_base_args(tiny_exaone_dir), "--adapter", str(custom_run),
-         "--show-prompt", "--no-safety"],
-        input=f"{QUESTION}\n/system 새 프롬프트\n{QUESTION}\n/exit\n", capture_output=True, text=True,
-        encoding="utf-8", timeout=300, cwd=repo_root, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert _prompts(proc.stderr) == [_rendered(RUN_PROMPT), _rendered("새 프롬프트")]
+def test_repl_uses_the_trained_prompt_and_system_still_replaces_it(tiny_exaone_dir, custom_run, monkeypatch, capsys):
+    # chat.py's main in this process, its stdin replaced: the REPL reads a non-terminal stdin line by line
+    # (tests/inference/test_repl.py drives the script itself through a pipe)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n/system 새 프롬프트\n{QUESTION}\n/exit\n"))
+    capsys.readouterr()
+    rc = run_cli(chat_main, [*_base_args(tiny_exaone_dir), "--adapter", str(custom_run), "--show-prompt",
+                             "--no-safety"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-2000:]
+    assert _prompts(err) == [_rendered(RUN_PROMPT), _rendered("새 프롬프트")]
 
 
 # ---------------------------------------------------------------- evaluate.py

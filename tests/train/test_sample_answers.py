@@ -5,13 +5,13 @@ the adapter card's training section shows that last set."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from hai_medqa.cli import run_cli
 from hai_medqa.config import load_config
+from hai_medqa.inference.chat_cli import main as chat_main
 from hai_medqa.run_folder import SAMPLES
 from hai_medqa.train.adapter_folder import (
     SAMPLE_CELL_CHARS,
@@ -77,12 +77,10 @@ def test_samples_table_and_last_answers_equal_chat_py(repo_root, tiny_exaone_dir
     inp = tmp_path / "questions.jsonl"
     inp.write_text("".join(lines[r["line"] - 1] + "\n" for r in last), encoding="utf-8")
     answers = tmp_path / "answers.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "chat.py", "--model", str(tiny_exaone_dir), "--adapter", str(out / "adapter_last"),
-         "--load-4bit", "--dtype", "float32", "--input", str(inp), "--output", str(answers),
-         "--max-new-tokens", str(MAX_NEW), "--batch-size", "1"],
-        cwd=repo_root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # chat.py's main in this process (the same code as the script, from the files the run saved)
+    assert run_cli(chat_main, ["--model", str(tiny_exaone_dir), "--adapter", str(out / "adapter_last"),
+                               "--load-4bit", "--dtype", "float32", "--input", str(inp), "--output", str(answers),
+                               "--max-new-tokens", str(MAX_NEW), "--batch-size", "1"]) == 0
     chat = [json.loads(x) for x in answers.read_text(encoding="utf-8").splitlines()]
     assert [c["model_answer"] for c in chat] == [r["answer"] for r in last]
     assert all(r["answer"] for r in last), last  # real text to compare, not two empty answers
