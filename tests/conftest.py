@@ -147,3 +147,29 @@ def sample_jsonl(tmp_path_factory, aihub_sample_dir) -> dict[str, Path]:
     run_preprocess([aihub_sample_dir / "TL.zip"], paths["train"], progress=False)
     run_preprocess([aihub_sample_dir / "VL.zip"], paths["validation"], progress=False)
     return paths
+
+
+# --- one real S_F2.py run (owner: pipeline) ------------------------------------------------------
+
+CLI_RUN_STEPS = 24
+
+
+@pytest.fixture(scope="session")
+def cli_training_run(repo_root, tiny_exaone_dir, sample_jsonl, tmp_path_factory, _hai_medqa_cache) -> dict:
+    """One real CLI run of S_F2.py (a subprocess, as users run it) on the bundled sample with the tiny
+    EXAONE stand-in, CLI_RUN_STEPS steps: {"dir": the run folder, "console": its stdout + stderr,
+    "steps": CLI_RUN_STEPS}. Shared by tests/pipeline/test_train_e2e.py (the run folder) and
+    tests/common/test_third_party_noise.py (the console), so the suite starts one interpreter for both."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("train_e2e") / "run"
+    cmd = [sys.executable, str(repo_root / "S_F2.py"), "--config", str(repo_root / "configs" / "tiny_cpu.yaml"),
+           "--model", str(tiny_exaone_dir),  # EXAONE layout: goes through the real conversion path
+           "--train-file", str(sample_jsonl["train"]), "--val-file", str(sample_jsonl["validation"]),
+           "--output-dir", str(out), "--max-steps", str(CLI_RUN_STEPS), "--eval-steps", "8", "--save-steps", "8",
+           "--warmup-ratio", "0.05"]
+    env = {**os.environ, "HAI_MEDQA_CACHE": str(_hai_medqa_cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo_root, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"dir": out, "console": proc.stdout + proc.stderr, "steps": CLI_RUN_STEPS}

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-import subprocess
-import sys
 
 from hai_medqa import third_party_noise
 
@@ -42,15 +40,9 @@ def test_liger_optional_backend_lines_hidden_others_kept():
     assert f.filter(rec("liger_kernel.ops.rope")) is True  # the Triton kernel the project uses: shown
 
 
-def test_s_f2_console_asks_to_install_nothing(repo_root, tiny_exaone_dir, sample_jsonl, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "S_F2.py", "--config", "configs/tiny_cpu.yaml", "--model", str(tiny_exaone_dir),
-         "--train-file", str(sample_jsonl["train"]), "--val-file", str(sample_jsonl["validation"]),
-         "--max-eval-samples", "4", "--output-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
-         "--max-steps", "2", "--eval-steps", "2", "--tokens-per-micro-batch", "1024"],
-        cwd=repo_root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    console = (proc.stdout + proc.stderr).splitlines()
+def test_s_f2_console_asks_to_install_nothing(cli_training_run):
+    """The console of a real S_F2.py run (the tiny config with evaluation: conftest's cli_training_run)."""
+    console = cli_training_run["console"].splitlines()
     assert [line for line in console if INSTALL_LINE.search(line)] == []
     assert not [line for line in console if "is_gradient_checkpointing" in line]
     assert any("training completed" in line for line in console)  # the console still reports the run

@@ -1,14 +1,13 @@
 """End to end through S_F2.py on the bundled sample with the tiny EXAONE stand-in (CPU, 4-bit NF4).
 
-One real CLI run (a subprocess, as users run it) is shared by every test in this module.
+One real CLI run (a subprocess, as users run it: the session fixture cli_training_run in
+tests/conftest.py, whose console tests/common/test_third_party_noise.py reads) is shared by every test
+in this module.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,17 +21,9 @@ STEPS = 24
 
 
 @pytest.fixture(scope="module")
-def run_dir(repo_root, tiny_exaone_dir, sample_jsonl, tmp_path_factory, _hai_medqa_cache):
-    out = tmp_path_factory.mktemp("train_e2e") / "run"
-    cmd = [sys.executable, str(repo_root / "S_F2.py"), "--config", str(repo_root / "configs" / "tiny_cpu.yaml"),
-           "--model", str(tiny_exaone_dir),  # EXAONE layout: goes through the real conversion path
-           "--train-file", str(sample_jsonl["train"]), "--val-file", str(sample_jsonl["validation"]),
-           "--output-dir", str(out), "--max-steps", str(STEPS), "--eval-steps", "8", "--save-steps", "8",
-           "--warmup-ratio", "0.05"]
-    env = {**os.environ, "HAI_MEDQA_CACHE": str(_hai_medqa_cache), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def run_dir(cli_training_run):
+    assert cli_training_run["steps"] == STEPS
+    return cli_training_run["dir"]
 
 
 def read_jsonl(path):
