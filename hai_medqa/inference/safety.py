@@ -346,6 +346,19 @@ def _compile(pattern: Any, terms: dict[str, str], where: Path, context: str) -> 
         raise SafetyConfigError(f"{where}: {context} is not a valid regex ({e})") from None
 
 
+def _compile_lists(block: dict, keys: Sequence[str], data: dict, path: Path, where: str) -> list[tuple[_Pattern, ...]]:
+    """The pattern lists `keys` of a rules-file block, compiled with the file's terms, in order
+    (a missing key: an empty list; a non-list: SafetyConfigError naming `where.key`)."""
+    terms = _expand_terms(data.get("terms", {}) or {}, path)
+    out = []
+    for key in keys:
+        patterns = block.get(key) or []
+        if not isinstance(patterns, list):
+            raise SafetyConfigError(f"{path}: {where}.{key} must be a list")
+        out.append(tuple(_compile(p, terms, path, f"{where}.{key}[{i}]") for i, p in enumerate(patterns)))
+    return out
+
+
 def _compile_rule(rule: Any, ri: int, category: str, terms: dict[str, str], path: Path) -> _Rule:
     rname = rule.get("name", f"rule{ri}") if isinstance(rule, dict) else f"rule{ri}"
     ctx = f"{category}.{rname}"
@@ -472,14 +485,8 @@ class SafetyLayer:
             return (), ()
         if not isinstance(block, dict) or set(block) - {"cue", "situation", "note"}:
             raise SafetyConfigError(f"{path}: 'informational' must be an object with 'cue' and 'situation' lists")
-        terms = _expand_terms(data.get("terms", {}) or {}, path)
-        out = []
-        for key in ("cue", "situation"):
-            patterns = block.get(key) or []
-            if not isinstance(patterns, list):
-                raise SafetyConfigError(f"{path}: informational.{key} must be a list")
-            out.append(tuple(_compile(p, terms, path, f"informational.{key}[{i}]") for i, p in enumerate(patterns)))
-        return out[0], out[1]
+        cue, situation = _compile_lists(block, ("cue", "situation"), data, path, "informational")
+        return cue, situation
 
     @staticmethod
     def _load_continuation(data: dict, path: Path, category_names: Sequence[str]) -> _Continuation | None:
@@ -494,13 +501,7 @@ class SafetyLayer:
         cats = block.get("categories") or []
         if not isinstance(cats, list) or any(c not in category_names for c in cats):
             raise SafetyConfigError(f"{path}: continuation.categories must list category names among {list(category_names)}")
-        terms = _expand_terms(data.get("terms", {}) or {}, path)
-        lists = []
-        for key in ("resolved", "worse", "topic_change", "past"):
-            patterns = block.get(key) or []
-            if not isinstance(patterns, list):
-                raise SafetyConfigError(f"{path}: continuation.{key} must be a list")
-            lists.append(tuple(_compile(p, terms, path, f"continuation.{key}[{i}]") for i, p in enumerate(patterns)))
+        lists = _compile_lists(block, ("resolved", "worse", "topic_change", "past"), data, path, "continuation")
         return _Continuation(tuple(cats), *lists)
 
     @staticmethod
@@ -522,13 +523,7 @@ class SafetyLayer:
             boundary_re = re.compile(boundary)
         except re.error as e:
             raise SafetyConfigError(f"{path}: denial.boundary is not a valid regex ({e})") from None
-        terms = _expand_terms(data.get("terms", {}) or {}, path)
-        lists = []
-        for key in ("clause", "exempt"):
-            patterns = block.get(key) or []
-            if not isinstance(patterns, list):
-                raise SafetyConfigError(f"{path}: denial.{key} must be a list")
-            lists.append(tuple(_compile(p, terms, path, f"denial.{key}[{i}]") for i, p in enumerate(patterns)))
+        lists = _compile_lists(block, ("clause", "exempt"), data, path, "denial")
         longest = block.get("max_clause_syllables", 0)
         if not isinstance(longest, int) or isinstance(longest, bool) or longest < 0:
             raise SafetyConfigError(f"{path}: denial.max_clause_syllables must be a non-negative integer (0: no limit)")
