@@ -152,6 +152,18 @@ def test_two_processes_train_exactly_like_one_with_the_same_global_batch(runs):
     assert_same_training(two, runs["one"], steps=runs["steps"])
 
 
+def test_offloaded_activations_train_like_kept_ones_under_ddp(runs):
+    """`lean` offloads the checkpointed layer inputs on a GPU (config.GPU_PROFILE_KEYS), DDP included: the
+    offloading hooks and DDP's gradient hooks meet in one backward. Two processes with offloading train as
+    the two without it (the FSDP counterpart: test_fsdp_save.py)."""
+    off = runs["root"] / "two_offloaded"
+    launch(2, runs["args"](off, gradient_accumulation_steps=1, offload_activations="true",
+                           gradient_checkpointing="true"))
+    resolved = (off / "resolved_config.yaml").read_text(encoding="utf-8")
+    assert "offload_activations: true" in resolved and "gradient_checkpointing: true" in resolved
+    assert_same_training(off, runs["two"], steps=runs["steps"])
+
+
 def test_only_rank_0_writes(runs):
     two, total = runs["two"], runs["steps"]
     train, val = metrics(two)
