@@ -114,11 +114,11 @@ class StepProfiler:
             if self.cuda:
                 acts.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(activities=acts)
-            self.prof.__enter__()
+            self.prof.start()
         elif self.prof is not None and step == self.start_after + self.steps:
             if self.cuda:
                 torch.cuda.synchronize()
-            self.prof.__exit__(None, None, None)
+            self.prof.stop()
             self.result = breakdown(durations_from_profiler(self.prof, cuda=self.cuda), steps=self.steps)
             self.prof = None
 

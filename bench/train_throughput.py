@@ -675,7 +675,7 @@ def main() -> int:
                   f"{c['region_graph_breaks']} graph break(s) in the region ({c['process_graph_breaks']} in the "
                   "process)" + (" - RECOMPILE LIMIT REACHED" if c["recompile_limit_reached"] else ""))
         if r.get("kernel_breakdown"):
-            print(f"{'':<4}GPU time by kernel family over {r['kernel_breakdown']['steps']} traced steps "
+            print(f"{'':<4}device time by kernel family over {r['kernel_breakdown']['steps']} traced steps "
                   "(profiler-inflated; read the shares):\n" + format_breakdown(r["kernel_breakdown"], width=6))
         if r.get("vs_peers"):
             print(f"{'':<4}vs peers (same recomputation): " + ", ".join(
