@@ -489,6 +489,8 @@ def main() -> int:
     # Every input checked before the checkpoint is built.
     if args.num_processes < 1:
         ap.error("--num-processes must be >= 1")
+    if args.kernel_profile < 0:
+        ap.error("--kernel-profile must be >= 0 (the number of steps to trace)")
     try:
         peer_arms = peer_mod.parse_peers(args.peers)
         peer_sites = peer_mod.parse_peer_sites(args.peer_site, args.peer_kit)
