@@ -24,6 +24,6 @@ python3 bench/train_throughput.py --shape 7.8b --loss-parity --data-pattern rand
 python3 bench/train_throughput.py --shape 7.8b --variants "fast;fast:compile_layers=true;lean:compile_layers=true;fast:base_precision=fp8,compile_layers=true" \
    --peers trl:flex,unsloth --peer-kit /tmp/kit --gpus 0,1 --warmup 3 --steps 10 --workdir /tmp/hb --out $R/tt78_peers.json > $R/tt78_peers.log 2>&1; mark peers rc=$?
 # 4. Issue 18 item 3 at 7.8B under FSDP: SIGTERM during the step-30 evaluation, resume on 2 and on 1 GPU.
-python3 bench/multi_gpu_e2e.py --launcher fsdp --shape 7.8b --steps 60 --kill-at 30 --eval-steps 30 --save-steps 30 \
+python3 bench/multi_gpu_e2e.py --launcher fsdp --shape 7.8b --profile lean --steps 60 --kill-at 30 --eval-steps 30 --save-steps 30 \
    --accumulation 1 --skip-merge --set sample_max_new_tokens=48 --workdir /dev/shm/hbe --out $R/e2e78_fsdp.json > $R/e2e78_fsdp.log 2>&1; mark e2e78_fsdp rc=$?
 mark DONE
