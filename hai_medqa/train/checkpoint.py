@@ -158,14 +158,19 @@ def decide_resume(run_dir: str | Path, resume: bool) -> bool:
     return resume
 
 
+def recorded_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The settled config a run folder recorded when its run started (resolved_config.yaml), or None."""
+    path = Path(run_dir) / RESOLVED_CONFIG
+    return read_yaml_mapping(path) if path.is_file() else None
+
+
 def check_resumable(run_dir: str | Path, cfg: Any, world_size: int) -> None:
     """Refuse (TrainingError, with the fix) to resume with another recipe, another training file or
     another number of micro-batches per optimizer step than the checkpointed run's."""
     run_dir = Path(run_dir)
-    saved_path = run_dir / RESOLVED_CONFIG
-    if not saved_path.is_file():
+    saved = recorded_config(run_dir)
+    if saved is None:
         return
-    saved = read_yaml_mapping(saved_path)
     now = config_to_dict(cfg)
     _check_global_batch(run_dir, saved.get("gradient_accumulation_steps", cfg.gradient_accumulation_steps),
                         cfg.gradient_accumulation_steps, world_size)

@@ -112,7 +112,8 @@ class TrainConfig:
     """torch.compile every decoder layer as one region while training, so inductor fuses the residual adds,
     norms, RoPE, SwiGLU and LoRA glue around the projections (hai_medqa/train/compile_regions.py): the same
     mathematics, fused rounding; Liger keeps only its fused cross-entropy. Compiles during the first steps;
-    evaluation runs uncompiled. Not under FSDP."""
+    evaluation runs uncompiled. On by default in ``fast`` and ``lean`` on a GPU (GPU_PROFILE_KEYS), where it
+    measured faster at the same loss; set false to run the layers eagerly. Not under FSDP."""
 
     # --- batching
     batching: Literal["packed", "padded"] = "packed"
@@ -280,11 +281,18 @@ PROFILES: dict[str, dict[str, Any]] = {
              "lora_dropout": 0.0, "pad_to_fixed_length": True},
 }
 
-# Profile keys applied on a GPU only. `lean` offloads its checkpointed layer inputs to pinned host memory
-# (activation_offload.py): on an H200 this made it both faster and smaller (7.8B: 8,651 -> 9,636 tok/s,
-# 11.5 -> 9.5 GiB reserved; 32B: 2,474 -> 2,629 tok/s, 28.0 -> 23.6 GiB; docs/performance.md, 2026-11-30,
-# session 5), for ~2 GiB (7.8B) to ~8 GiB (32B) of pinned host memory. On a CPU it would only copy.
-GPU_PROFILE_KEYS: dict[str, dict[str, Any]] = {"lean": {"offload_activations": True}}
+# Profile keys applied on a GPU only (docs/performance.md, H200, 2026-11-30):
+# - `lean` offloads its checkpointed layer inputs to pinned host memory (activation_offload.py): faster and
+#   smaller (7.8B: 8,651 -> 9,636 tok/s, 11.5 -> 9.5 GiB reserved; 32B: 2,474 -> 2,629 tok/s, 28.0 -> 23.6
+#   GiB; session 5), for ~2 GiB (7.8B) to ~8 GiB (32B) of pinned host memory. On a CPU it would only copy.
+# - `fast` and `lean` compile each decoder layer as one region (compile_regions.py): `fast` 13,253 -> 14,120
+#   tok/s in the same invocation, `lean` 9,853 (with offloading); 200-step loss within 0.82% / 0.94% (mean)
+#   of `plain` with its dropout off (session 6). ~20 s of compilation in the first steps; on a CPU inductor
+#   would only add that. FSDP turns it off again (FSDP_REQUIRED).
+GPU_PROFILE_KEYS: dict[str, dict[str, Any]] = {
+    "lean": {"offload_activations": True, "compile_layers": True},
+    "fast": {"compile_layers": True},
+}
 
 # Fast-profile activation memory per (layer x token x (hidden + intermediate)), in bytes: 8.1 measured
 # on the 7.8B shape (41.5 GiB reserved at 8192 tokens, 4.9 GiB of it weights), rounded up for headroom.
@@ -326,8 +334,9 @@ def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool, model
                     gpu_memory_bytes: int | None = None) -> tuple[TrainConfig, str]:
     """Apply the chosen profile to every key the user left at its default; return (config, profile used).
 
-    On a GPU the profile's GPU_PROFILE_KEYS are applied too (``lean``: offload_activations), unless
-    set explicitly or checkpointing is off.
+    On a GPU the profile's GPU_PROFILE_KEYS are applied too (``lean``: offload_activations and
+    compile_layers; ``fast``: compile_layers), each unless set explicitly; offloading also not when
+    checkpointing is off.
 
     ``auto`` means ``plain`` on a CPU; on a GPU the fastest profile that fits it (`choose_gpu_profile`,
     given the model's config and the GPU's memory), or ``lean`` when those are not known yet; ``lean``
@@ -345,9 +354,11 @@ def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool, model
         if name == "fast" and cfg.offload_activations:  # offloading is for checkpointed layers: fast has none
             name = "lean"
     updates = {k: v for k, v in PROFILES[name].items() if k not in explicit}
-    checkpointed = updates.get("gradient_checkpointing", cfg.gradient_checkpointing)
-    if on_gpu and checkpointed:  # offloading needs the checkpointing a user may have turned off explicitly
-        updates.update({k: v for k, v in GPU_PROFILE_KEYS.get(name, {}).items() if k not in explicit})
+    if on_gpu:
+        gpu_keys = {k: v for k, v in GPU_PROFILE_KEYS.get(name, {}).items() if k not in explicit}
+        if not updates.get("gradient_checkpointing", cfg.gradient_checkpointing):
+            gpu_keys.pop("offload_activations", None)  # needs the checkpointing a user may have turned off
+        updates.update(gpu_keys)
     return dataclasses.replace(cfg, **updates), name
 
 
@@ -410,15 +421,31 @@ def check_run_paths(cfg: TrainConfig) -> None:
                           "data measures nothing; give a separate file, or val_file: null to skip validation")
 
 
+def keep_recorded_gpu_keys(cfg: TrainConfig, explicit: set[str], recorded: dict[str, Any]) -> tuple[TrainConfig, dict]:
+    """For a resumed run: the GPU profile keys (GPU_PROFILE_KEYS) the user did not set keep the values the
+    run started with (its resolved_config.yaml), so a run begun before a profile gained a key resumes as it
+    was instead of being refused as another recipe. Returns (config, {key: recorded value kept}).
+
+    >>> cfg = TrainConfig(profile="fast", compile_layers=True)
+    >>> keep_recorded_gpu_keys(cfg, {"profile"}, {"compile_layers": False})[1]
+    {'compile_layers': False}
+    """
+    keys = {k for bundle in GPU_PROFILE_KEYS.values() for k in bundle} - explicit
+    kept = {k: recorded[k] for k in sorted(keys) if k in recorded and recorded[k] != getattr(cfg, k)}
+    return dataclasses.replace(cfg, **kept), kept
+
+
 def settle_config(requested: TrainConfig, explicit: set[str], *, on_gpu: bool, fsdp_version: int | None,
                   resume: bool, model_config: dict[str, Any] | None = None,
-                  gpu_memory_bytes: int | None = None) -> tuple[TrainConfig, str]:
+                  gpu_memory_bytes: int | None = None, recorded: dict[str, Any] | None = None
+                  ) -> tuple[TrainConfig, str]:
     """The run's final configuration and the profile it uses, decided once before training starts.
 
     The profile fills the keys the user did not set (``auto``: the fastest that fits this GPU, given
-    the model's config and the GPU's memory; ``plain`` on CPU), FSDP-QLoRA's requirements follow,
-    and `resume` is what the run folder allows (`checkpoint.decide_resume`). The result is frozen:
-    nothing changes it afterwards.
+    the model's config and the GPU's memory; ``plain`` on CPU); when resuming, the GPU profile keys the
+    user did not set keep the `recorded` values of the run folder (keep_recorded_gpu_keys);
+    FSDP-QLoRA's requirements follow, and `resume` is what the run folder allows
+    (`checkpoint.decide_resume`). The result is frozen: nothing changes it afterwards.
 
     >>> cfg, profile = settle_config(TrainConfig(resume=True), set(), on_gpu=False, fsdp_version=None, resume=False)
     >>> profile, cfg.attn_implementation, cfg.resume
@@ -431,6 +458,11 @@ def settle_config(requested: TrainConfig, explicit: set[str], *, on_gpu: bool, f
                     f"{estimate_fast_peak_gib(model_config, cfg.tokens_per_micro_batch, cfg.base_precision):.0f} GiB; "
                     f"GPU has {gpu_memory_bytes / 2**30:.0f} GiB"
                     f"{'; offload_activations needs checkpointing' if cfg.offload_activations else ''})")
+    if resume and recorded:
+        cfg, kept = keep_recorded_gpu_keys(cfg, explicit, recorded)
+        if kept:
+            logger.info(f"resume: keeping {kept} as the run started (the profile sets otherwise now; "
+                        "set a key explicitly to change it, which the checkpoint then refuses)")
     check_offload_activations(cfg)  # after the profile, which may turn checkpointing off
     cfg, changed = apply_fsdp_requirements(cfg, explicit, fsdp_version)
     if changed:

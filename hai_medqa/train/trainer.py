@@ -413,6 +413,7 @@ class Trainer:
             self.model_path = Path(resolve_model(requested.model, revision=requested.model_revision))
         self.cfg, self.profile_used = settle_config(requested, self.explicit, on_gpu=rt.on_gpu,
                                                     fsdp_version=rt.fsdp_version, resume=resume,
+                                                    recorded=checkpoint.recorded_config(self.out) if resume else None,
                                                     **self._gpu_facts())
         cfg = self.cfg
         if cfg.resume:  # compared once the profile is settled, so `auto` resolves the same way as before

@@ -164,6 +164,22 @@ def test_offloaded_activations_train_like_kept_ones_under_ddp(runs):
     assert_same_training(off, runs["two"], steps=runs["steps"])
 
 
+def test_compiled_layers_train_like_eager_ones_under_ddp(runs, monkeypatch):
+    """`fast` and `lean` compile their decoder layers on a GPU (config.GPU_PROFILE_KEYS), DDP included: the
+    layers are compiled in place before DDP wraps the model and DDP's gradient hooks fire as the compiled
+    backward produces each layer's LoRA gradients. Two processes with compiled layers (aot_eager: dynamo and
+    AOTAutograd's graphs with eager kernels, so the comparison is exact) train as the two without."""
+    from hai_medqa.train import compile_regions
+
+    monkeypatch.setenv(compile_regions.BACKEND_ENV, "aot_eager")  # inherited by the launched processes
+    compiled = runs["root"] / "two_compiled"
+    launch(2, runs["args"](compiled, gradient_accumulation_steps=1, compile_layers="true"))
+    assert "compile_layers: true" in (compiled / "resolved_config.yaml").read_text(encoding="utf-8")
+    summary = json.loads((compiled / "summary.json").read_text(encoding="utf-8"))
+    assert summary["compile"]["region_graphs"] >= 1 and summary["compile"]["region_graph_breaks"] == 0
+    assert_same_training(compiled, runs["two"], steps=runs["steps"])
+
+
 def test_only_rank_0_writes(runs):
     two, total = runs["two"], runs["steps"]
     train, val = metrics(two)
