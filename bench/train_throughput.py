@@ -163,7 +163,10 @@ def run_variant(spec: dict) -> dict:
                       max_steps=spec["warmup"] + spec["steps"] + spec.get("kernel_profile_steps", 0),
                       save_steps=10**6, logging_steps=5,
                       tensorboard=False, warmup_ratio=0.0, early_stopping_patience=None,
-                      learning_rate=spec["lr"], eval_steps=spec.get("eval_steps") or 200, max_eval_samples=None,
+                      # constant, as the baseline and the peer arms train: a step's learning rate must not
+                      # depend on how many steps the arm runs (--kernel-profile adds some), so curves compare
+                      lr_scheduler=overrides.pop("lr_scheduler", "constant"), learning_rate=spec["lr"],
+                      eval_steps=spec.get("eval_steps") or 200, max_eval_samples=None,
                       gradient_accumulation_steps=overrides.pop("gradient_accumulation_steps", 1), **overrides)
     records: list[dict] = []
     evals: list[dict] = []
@@ -222,7 +225,7 @@ def run_variant(spec: dict) -> dict:
                                              "checkpoint_every_n_layers", "tokens_per_micro_batch",
                                              "pad_to_fixed_length", "lora_dropout", "gradient_accumulation_steps",
                                              "lora_kernel", "dequantize_cache", "optimizer", "base_precision",
-                                             "compile_layers", "offload_activations")
+                                             "compile_layers", "offload_activations", "lr_scheduler")
         if hasattr(trainer.cfg, k)},
         "attn_used": trainer.attn_implementation, "liger_used": trainer.liger_applied,
         "real_tokens_per_s": tokens / wall, "steps_timed": len(timed), "tokens_timed": tokens,
@@ -429,7 +432,7 @@ def main() -> int:
                          "peak memory includes evaluation")
     ap.add_argument("--eval-steps", type=int, default=5, help="with --val-records: evaluate every N steps (and at the end)")
     ap.add_argument("--lr", type=float, default=1e-3,
-                    help="learning rate of every arm (high, so the loss check is decisive in a few steps)")
+                    help="learning rate of every arm, constant (high, so the loss check is decisive in a few steps)")
     ap.add_argument("--workdir", default=os.environ.get("BENCH_WORKDIR", "/tmp/hai_bench"))
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--storage-dtype", default=None,
