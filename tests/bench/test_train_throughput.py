@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_project_arms_train_at_a_constant_learning_rate_like_the_peers(tmp_path):
+def test_project_arms_train_at_a_constant_learning_rate_like_the_peers(tmp_path, bench_module, tiny_exaone_dir,
+                                                                        sample_jsonl):
     """The peers and the seed-style baseline train at a constant learning rate; the project's arms must too, or
     their loss curves are not comparable step for step, and a step's rate would depend on how many steps the arm
-    runs (--kernel-profile adds traced steps after the timed ones)."""
-    out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train_throughput.py"), "--shape", "tiny",
-                           "--variants", "plain:lora_dropout=0", "--records", "40", "--warmup", "1", "--steps", "3",
-                           "--lr", "1e-3", "--workdir", str(tmp_path / "work"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (arm,) = json.loads(out.read_text(encoding="utf-8"))["results"]
+    runs (--kernel-profile adds traced steps after the timed ones). One arm, in this process, as its child runs it."""
+    sys.path.insert(0, str(REPO / "bench"))  # train_throughput imports kernel_breakdown beside it
+    bench = bench_module("train_throughput")
+    spec = {"name": "plain:lora_dropout=0", "profile": "plain", "overrides": {"lora_dropout": 0.0},
+            "model": str(tiny_exaone_dir), "train_file": str(sample_jsonl["train"]), "output_dir": str(tmp_path / "run"),
+            "cache_dir": str(tmp_path / "cache"), "warmup": 1, "steps": 3, "lr": 1e-3}
+    arm = bench.run_variant(spec)
     assert arm["config"]["lr_scheduler"] == "constant" and len(arm["losses"]) == 4
-    (run_dir,) = [p.parent for p in (tmp_path / "work").glob("run*/metrics.jsonl")]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     lrs = [r["lr"] for r in rows if "loss" in r]
     assert len(lrs) == 4 and all(lr == 1e-3 for lr in lrs), lrs
