@@ -63,14 +63,17 @@ def test_step_profiler_traces_only_the_steps_after_its_start(bench_module):
     """A real torch.profiler trace (CPU): steps 1-2 untraced, 3-4 traced (matmuls), step 5 untraced (adds)."""
     mod = bench_module("kernel_breakdown")
     prof = mod.StepProfiler(start_after_step=2, steps=2, cuda=False)
-    a = torch.randn(64, 64)
+    # Both sides are made lopsided so a loaded machine cannot flip the shares: in a traced step each 256 x 256
+    # product (~33 MFLOP) outweighs its division ~100-fold; an untraced step's 2,000 adds (~5 times a traced
+    # step's time) would dominate the trace if a wrong step were traced.
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
     for step in range(1, 6):
         if step in (3, 4):
             for _ in range(20):
-                a = torch.mm(a, a) / 64
+                a = torch.mm(a, a) / 16
         else:
-            for _ in range(200):
-                a = torch.add(a, 1.0)
+            for _ in range(2000):
+                b = torch.add(b, 1.0)
         prof.on_step(step)
     assert prof.result is not None and prof.result["steps"] == 2
     fams = prof.result["families"]
