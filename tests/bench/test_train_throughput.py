@@ -16,7 +16,7 @@ def test_project_arms_train_at_a_constant_learning_rate_like_the_peers(tmp_path,
     runs (--kernel-profile adds traced steps after the timed ones). One arm, in this process, as its child runs it."""
     sys.path.insert(0, str(REPO / "bench"))  # train_throughput imports kernel_breakdown beside it
     bench = bench_module("train_throughput")
-    spec = {"name": "plain:lora_dropout=0", "profile": "plain", "overrides": {"lora_dropout": 0.0},
+    spec = {"name": "plain:lora_dropout=0", "profile": "plain", "overrides": {"lora_dropout": 0.0, "tokens_per_micro_batch": 1024},
             "model": str(tiny_exaone_dir), "train_file": str(sample_jsonl["train"]), "output_dir": str(tmp_path / "run"),
             "cache_dir": str(tmp_path / "cache"), "warmup": 1, "steps": 3, "lr": 1e-3}
     arm = bench.run_variant(spec)

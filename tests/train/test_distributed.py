@@ -152,32 +152,23 @@ def test_two_processes_train_exactly_like_one_with_the_same_global_batch(runs):
     assert_same_training(two, runs["one"], steps=runs["steps"])
 
 
-def test_offloaded_activations_train_like_kept_ones_under_ddp(runs):
-    """`lean` offloads the checkpointed layer inputs on a GPU (config.GPU_PROFILE_KEYS), DDP included: the
-    offloading hooks and DDP's gradient hooks meet in one backward. Two processes with offloading train as
-    the two without it (the FSDP counterpart: test_fsdp_save.py)."""
-    off = runs["root"] / "two_offloaded"
-    launch(2, runs["args"](off, gradient_accumulation_steps=1, offload_activations="true",
-                           gradient_checkpointing="true"))
-    resolved = (off / "resolved_config.yaml").read_text(encoding="utf-8")
-    assert "offload_activations: true" in resolved and "gradient_checkpointing: true" in resolved
-    assert_same_training(off, runs["two"], steps=runs["steps"])
-
-
-def test_compiled_layers_train_like_eager_ones_under_ddp(runs, monkeypatch):
-    """`fast` and `lean` compile their decoder layers on a GPU (config.GPU_PROFILE_KEYS), DDP included: the
-    layers are compiled in place before DDP wraps the model and DDP's gradient hooks fire as the compiled
-    backward produces each layer's LoRA gradients. Two processes with compiled layers (aot_eager: dynamo and
-    AOTAutograd's graphs with eager kernels, so the comparison is exact) train as the two without."""
+def test_lean_gpu_settings_train_like_eager_kept_inputs_under_ddp(runs, monkeypatch):
+    """On a GPU `lean` offloads the checkpointed layer inputs and compiles the decoder layers
+    (config.GPU_PROFILE_KEYS), DDP included: the offloading hooks, the compiled regions (compiled in place
+    before DDP wraps the model) and DDP's gradient hooks meet in one backward. Two processes with both
+    (compile backend aot_eager: dynamo and AOTAutograd's graphs with eager kernels, so the comparison is exact)
+    train as the two without either (the FSDP counterpart of offloading: test_fsdp_save.py)."""
     from hai_medqa.train import compile_regions
 
     monkeypatch.setenv(compile_regions.BACKEND_ENV, "aot_eager")  # inherited by the launched processes
-    compiled = runs["root"] / "two_compiled"
-    launch(2, runs["args"](compiled, gradient_accumulation_steps=1, compile_layers="true"))
-    assert "compile_layers: true" in (compiled / "resolved_config.yaml").read_text(encoding="utf-8")
-    summary = json.loads((compiled / "summary.json").read_text(encoding="utf-8"))
+    out = runs["root"] / "two_offloaded_compiled"
+    launch(2, runs["args"](out, gradient_accumulation_steps=1, offload_activations="true",
+                           gradient_checkpointing="true", compile_layers="true"))
+    resolved = (out / "resolved_config.yaml").read_text(encoding="utf-8")
+    assert all(f"{k}: true" in resolved for k in ("offload_activations", "gradient_checkpointing", "compile_layers"))
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["compile"]["region_graphs"] >= 1 and summary["compile"]["region_graph_breaks"] == 0
-    assert_same_training(compiled, runs["two"], steps=runs["steps"])
+    assert_same_training(out, runs["two"], steps=runs["steps"])
 
 
 def test_only_rank_0_writes(runs):
