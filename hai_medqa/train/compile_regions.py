@@ -130,6 +130,17 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     raise ValueError(f"no decoder layers (a `layers` ModuleList of *DecoderLayer) found in {type(model).__name__}")
 
 
+def compiler_available(device: torch.device | str) -> bool:
+    """Whether the layer region can compile on `device`: on a CUDA GPU inductor needs a working Triton for it
+    (torch's CUDA wheels for Linux bring one; Windows wheels and very old GPUs do not); a non-inductor
+    backend ($HAI_MEDQA_COMPILE_BACKEND) and the CPU (inductor's C++ code) need none."""
+    if torch.device(device).type != "cuda" or resolve_backend() != "inductor":
+        return True
+    from torch.utils._triton import has_triton
+
+    return bool(has_triton())
+
+
 def resolve_backend(backend: str | None = None) -> str:
     """The compile backend: `backend`, else $HAI_MEDQA_COMPILE_BACKEND, else inductor."""
     return backend or os.environ.get(BACKEND_ENV) or "inductor"

@@ -331,12 +331,13 @@ def choose_gpu_profile(model_config: dict[str, Any], tokens_per_micro_batch: int
 
 
 def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool, model_config: dict[str, Any] | None = None,
-                    gpu_memory_bytes: int | None = None) -> tuple[TrainConfig, str]:
+                    gpu_memory_bytes: int | None = None, compile_available: bool = True) -> tuple[TrainConfig, str]:
     """Apply the chosen profile to every key the user left at its default; return (config, profile used).
 
     On a GPU the profile's GPU_PROFILE_KEYS are applied too (``lean``: offload_activations and
     compile_layers; ``fast``: compile_layers), each unless set explicitly; offloading also not when
-    checkpointing is off.
+    checkpointing is off, and compiling also not where it cannot run (`compile_available` false: no working
+    Triton for this GPU; a line says so).
 
     ``auto`` means ``plain`` on a CPU; on a GPU the fastest profile that fits it (`choose_gpu_profile`,
     given the model's config and the GPU's memory), or ``lean`` when those are not known yet; ``lean``
@@ -358,6 +359,9 @@ def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool, model
         gpu_keys = {k: v for k, v in GPU_PROFILE_KEYS.get(name, {}).items() if k not in explicit}
         if not updates.get("gradient_checkpointing", cfg.gradient_checkpointing):
             gpu_keys.pop("offload_activations", None)  # needs the checkpointing a user may have turned off
+        if not compile_available and gpu_keys.pop("compile_layers", False):
+            logger.info(f"profile {name}: decoder layers run eagerly (torch.compile's inductor finds no working "
+                        "Triton for this GPU); same training, without the compiled layers' speed")
         updates.update(gpu_keys)
     return dataclasses.replace(cfg, **updates), name
 
@@ -421,6 +425,14 @@ def check_run_paths(cfg: TrainConfig) -> None:
                           "data measures nothing; give a separate file, or val_file: null to skip validation")
 
 
+def check_compile_layers(cfg: TrainConfig, explicit: set[str], compile_available: bool) -> None:
+    """ConfigError (one line, before the model is fetched) for an explicit compile_layers: true where the layers
+    cannot compile; a profile's compile_layers is dropped there instead (resolve_profile)."""
+    if cfg.compile_layers and "compile_layers" in explicit and not compile_available:
+        raise ConfigError("compile_layers: true needs torch.compile's inductor, which finds no working Triton for "
+                          "this GPU; install the triton release matching your torch, or set compile_layers: false")
+
+
 def keep_recorded_gpu_keys(cfg: TrainConfig, explicit: set[str], recorded: dict[str, Any]) -> tuple[TrainConfig, dict]:
     """For a resumed run: the GPU profile keys (GPU_PROFILE_KEYS) the user did not set keep the values the
     run started with (its resolved_config.yaml), so a run begun before a profile gained a key resumes as it
@@ -437,8 +449,8 @@ def keep_recorded_gpu_keys(cfg: TrainConfig, explicit: set[str], recorded: dict[
 
 def settle_config(requested: TrainConfig, explicit: set[str], *, on_gpu: bool, fsdp_version: int | None,
                   resume: bool, model_config: dict[str, Any] | None = None,
-                  gpu_memory_bytes: int | None = None, recorded: dict[str, Any] | None = None
-                  ) -> tuple[TrainConfig, str]:
+                  gpu_memory_bytes: int | None = None, recorded: dict[str, Any] | None = None,
+                  compile_available: bool = True) -> tuple[TrainConfig, str]:
     """The run's final configuration and the profile it uses, decided once before training starts.
 
     The profile fills the keys the user did not set (``auto``: the fastest that fits this GPU, given
@@ -452,7 +464,7 @@ def settle_config(requested: TrainConfig, explicit: set[str], *, on_gpu: bool, f
     ('plain', 'sdpa', False)
     """
     cfg, profile = resolve_profile(requested, explicit, on_gpu=on_gpu, model_config=model_config,
-                                   gpu_memory_bytes=gpu_memory_bytes)
+                                   gpu_memory_bytes=gpu_memory_bytes, compile_available=compile_available)
     if requested.profile == "auto" and on_gpu and model_config is not None and gpu_memory_bytes:
         logger.info(f"profile auto -> {profile} (fast profile needs ~"
                     f"{estimate_fast_peak_gib(model_config, cfg.tokens_per_micro_batch, cfg.base_precision):.0f} GiB; "

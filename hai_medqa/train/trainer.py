@@ -41,6 +41,7 @@ from hai_medqa.train.adapter_folder import finish_adapter_folder
 from hai_medqa.train.checkpoint import TrainState
 from hai_medqa.train.config import (
     TrainConfig,
+    check_compile_layers,
     check_fsdp_requirements,
     check_run_paths,
     recorded_base_precision,
@@ -402,6 +403,8 @@ class Trainer:
         # Bad inputs fail here, before anything large is downloaded or loaded.
         check_fsdp_requirements(requested, self.explicit, rt.fsdp_version)
         fp8_base.check_base_precision(requested, rt.device)  # a GPU without FP8: one line, nothing loaded
+        compile_available = compile_regions.compiler_available(rt.device)
+        check_compile_layers(requested, self.explicit, compile_available)
         check_sft_file(requested.train_file, what="train_file")
         if requested.val_file:
             check_sft_file(requested.val_file, what="val_file")
@@ -414,6 +417,7 @@ class Trainer:
         self.cfg, self.profile_used = settle_config(requested, self.explicit, on_gpu=rt.on_gpu,
                                                     fsdp_version=rt.fsdp_version, resume=resume,
                                                     recorded=checkpoint.recorded_config(self.out) if resume else None,
+                                                    compile_available=compile_available,
                                                     **self._gpu_facts())
         cfg = self.cfg
         if cfg.resume:  # compared once the profile is settled, so `auto` resolves the same way as before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from hai_medqa.config import ConfigError, load_config, parse_cli_overrides, save_config
 from hai_medqa.train.config import LORA_TARGET_MODULES, PROFILES, TrainConfig, resolve_profile, settle_config
@@ -131,6 +132,34 @@ def test_gpu_profiles_compile_their_layers_except_on_a_cpu_under_fsdp_or_against
     assert fsdp.compile_layers is False
     plain, _ = resolve_profile(TrainConfig(profile="plain"), {"profile"}, on_gpu=True)
     assert plain.compile_layers is False
+
+
+def test_where_layers_cannot_compile_the_profile_runs_them_eagerly_and_an_explicit_request_is_one_line():
+    """A GPU without a working Triton (inductor's code generator for CUDA): `fast` and `lean` keep everything
+    else and run the layers eagerly; compile_layers: true set by the user stops at start-up in one line."""
+    from hai_medqa.train.config import check_compile_layers
+
+    for profile in ("fast", "lean"):
+        cfg, _ = settle_config(TrainConfig(profile=profile), {"profile"}, on_gpu=True, fsdp_version=None,
+                               resume=False, compile_available=False)
+        assert cfg.compile_layers is False and cfg.attn_implementation == "flex_attention"
+    assert settle_config(TrainConfig(profile="lean"), {"profile"}, on_gpu=True, fsdp_version=None, resume=False,
+                         compile_available=False)[0].offload_activations is True
+    asked = TrainConfig(compile_layers=True)
+    with pytest.raises(ConfigError, match="compile_layers: true needs .* Triton"):
+        check_compile_layers(asked, {"compile_layers"}, compile_available=False)
+    check_compile_layers(asked, {"compile_layers"}, compile_available=True)
+    check_compile_layers(TrainConfig(), set(), compile_available=False)  # nothing asked, nothing refused
+
+
+def test_the_layers_compile_on_the_cpu_and_under_another_backend_without_triton(monkeypatch):
+    from hai_medqa.train import compile_regions
+
+    assert compile_regions.compiler_available("cpu")
+    if not torch.cuda.is_available():  # inductor's CUDA code generator (Triton) cannot work without a GPU
+        assert not compile_regions.compiler_available("cuda")
+    monkeypatch.setenv(compile_regions.BACKEND_ENV, "aot_eager")
+    assert compile_regions.compiler_available("cuda")  # eager kernels: no code generation
 
 
 def test_a_resumed_run_keeps_the_gpu_profile_keys_it_started_with(tmp_path):
