@@ -433,16 +433,20 @@ def check_compile_layers(cfg: TrainConfig, explicit: set[str], compile_available
                           "this GPU; install the triton release matching your torch, or set compile_layers: false")
 
 
-def keep_recorded_gpu_keys(cfg: TrainConfig, explicit: set[str], recorded: dict[str, Any]) -> tuple[TrainConfig, dict]:
+def keep_recorded_gpu_keys(cfg: TrainConfig, explicit: set[str], recorded: dict[str, Any], *,
+                           compile_available: bool = True) -> tuple[TrainConfig, dict]:
     """For a resumed run: the GPU profile keys (GPU_PROFILE_KEYS) the user did not set keep the values the
     run started with (its resolved_config.yaml), so a run begun before a profile gained a key resumes as it
-    was instead of being refused as another recipe. Returns (config, {key: recorded value kept}).
+    was instead of being refused as another recipe. Compiled layers are not kept where they cannot compile
+    (the checkpoint then refuses the change in one line). Returns (config, {key: recorded value kept}).
 
     >>> cfg = TrainConfig(profile="fast", compile_layers=True)
     >>> keep_recorded_gpu_keys(cfg, {"profile"}, {"compile_layers": False})[1]
     {'compile_layers': False}
     """
     keys = {k for bundle in GPU_PROFILE_KEYS.values() for k in bundle} - explicit
+    if not compile_available and recorded.get("compile_layers"):
+        keys.discard("compile_layers")
     kept = {k: recorded[k] for k in sorted(keys) if k in recorded and recorded[k] != getattr(cfg, k)}
     return dataclasses.replace(cfg, **kept), kept
 
@@ -471,7 +475,7 @@ def settle_config(requested: TrainConfig, explicit: set[str], *, on_gpu: bool, f
                     f"GPU has {gpu_memory_bytes / 2**30:.0f} GiB"
                     f"{'; offload_activations needs checkpointing' if cfg.offload_activations else ''})")
     if resume and recorded:
-        cfg, kept = keep_recorded_gpu_keys(cfg, explicit, recorded)
+        cfg, kept = keep_recorded_gpu_keys(cfg, explicit, recorded, compile_available=compile_available)
         if kept:
             logger.info(f"resume: keeping {kept} as the run started (the profile sets otherwise now; "
                         "set a key explicitly to change it, which the checkpoint then refuses)")

@@ -190,6 +190,11 @@ def test_a_resumed_run_keeps_the_gpu_profile_keys_it_started_with(tmp_path):
     chosen, _ = settle_config(dataclasses.replace(lean, compile_layers=True), {"profile", "train_file", "compile_layers"},
                               on_gpu=True, fsdp_version=None, resume=True, recorded=recorded)
     assert chosen.compile_layers is True and chosen.offload_activations is False
+    # a run that compiled, resumed where nothing compiles: not kept, so the checkpoint refuses in one line
+    compiled = dict(recorded, compile_layers=True)
+    moved, _ = settle_config(lean, {"profile", "train_file"}, on_gpu=True, fsdp_version=None, resume=True,
+                             recorded=compiled, compile_available=False)
+    assert moved.compile_layers is False and moved.offload_activations is False
 
 
 @pytest.mark.parametrize("name", ["exaone35_7.8b_qlora.yaml", "exaone35_2.4b_qlora.yaml", "tiny_cpu.yaml"])
