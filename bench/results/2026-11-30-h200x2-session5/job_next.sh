@@ -1,4 +1,5 @@
 #!/bin/bash
+# SUPERSEDED: run, changed, as ../2026-11-30-h200x2-session6/job7.sh (the 32B reference dropped, the parity at lr 2e-4 and 2,048 tokens).
 # PREPARED, NOT RUN: the next nvidia-h200-x2 session's job (issues 17 and 18), ~25 device minutes in all.
 # Start it from a copy, as job5.sh did (a later call re-sends the tree and would pull the cwd away):
 #   rm -rf /dev/shm/snap /dev/shm/res; mkdir -p /dev/shm/snap && cp -r .gpu_snapshot /dev/shm/snap/tree \
