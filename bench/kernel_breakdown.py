@@ -93,6 +93,124 @@ def durations_from_profiler(prof, *, cuda: bool) -> dict[str, float]:
     return dict(out)
 
 
+PHASE_PREFIX = "hai/"  # the trainer's record_function ranges (hai_medqa/train/trainer.py)
+
+
+def merge_intervals(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted union of [start, end) intervals.
+
+    >>> merge_intervals([(5, 7), (0, 2), (1, 3), (7, 8)])
+    [(0, 3), (5, 8)]
+    """
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def _covered(merged: list[tuple[float, float]], starts: list[float], lo: float, hi: float) -> float:
+    """Length of [lo, hi) covered by `merged` (sorted, disjoint; `starts` its start points)."""
+    import bisect
+
+    i = max(bisect.bisect_right(starts, lo) - 1, 0)
+    total = 0.0
+    while i < len(merged) and merged[i][0] < hi:
+        a, b = merged[i]
+        total += max(0.0, min(b, hi) - max(a, lo))
+        i += 1
+    return total
+
+
+def idle_by_phase(phases: list[tuple[str, float, float]], busy: list[tuple[float, float]], *, steps: int) -> dict:
+    """How long the GPU sat idle while the host was in each phase of the step (microseconds in, ms/step out).
+
+    `phases`: (name, start, end) host ranges (the trainer's "hai/..." ranges); `busy`: (start, end) of every
+    GPU kernel and copy. The GPU runs behind the host, so idle time inside a phase is time that phase's
+    host work (or its wait) cost the step. Idle outside every phase is reported as "between phases".
+
+    >>> r = idle_by_phase([("hai/forward", 0, 10), ("hai/optimizer", 10, 20)], [(2, 12), (15, 16)], steps=1)
+    >>> r["phases"]["optimizer"], round(r["gpu_idle_ms_per_step"] * 1e3, 1)
+    ({'host_ms_per_step': 0.01, 'gpu_idle_ms_per_step': 0.007}, 9.0)
+    """
+    merged = merge_intervals(busy)
+    starts = [a for a, _ in merged]
+    per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    attributed = 0.0
+    for name, lo, hi in phases:
+        idle = (hi - lo) - _covered(merged, starts, lo, hi)
+        key = name.removeprefix(PHASE_PREFIX)
+        per[key][0] += hi - lo
+        per[key][1] += idle
+    window = [(lo, hi) for _, lo, hi in phases]
+    w_lo, w_hi = (min(a for a, _ in window), max(b for _, b in window)) if window else (0.0, 0.0)
+    total_idle = (w_hi - w_lo) - _covered(merged, starts, w_lo, w_hi)
+    for _, (_, idle) in per.items():
+        attributed += idle
+    out = {k: {"host_ms_per_step": round(v[0] / 1e3 / steps, 3), "gpu_idle_ms_per_step": round(v[1] / 1e3 / steps, 3)}
+           for k, v in sorted(per.items(), key=lambda kv: -kv[1][1])}
+    return {"window_ms_per_step": (w_hi - w_lo) / 1e3 / steps, "gpu_idle_ms_per_step": total_idle / 1e3 / steps,
+            "between_phases_idle_ms_per_step": (total_idle - attributed) / 1e3 / steps, "phases": out}
+
+
+def idle_gaps(merged: list[tuple[float, float]], lo: float, hi: float) -> list[tuple[float, float]]:
+    """The parts of [lo, hi) that `merged` (sorted, disjoint) leaves uncovered.
+
+    >>> idle_gaps([(1, 2), (4, 5)], 0, 6)
+    [(0, 1), (2, 4), (5, 6)]
+    """
+    gaps, cursor = [], lo
+    for a, b in merged:
+        if b <= cursor or a >= hi:
+            continue
+        if a > cursor:
+            gaps.append((cursor, a))
+        cursor = max(cursor, b)
+    if cursor < hi:
+        gaps.append((cursor, hi))
+    return gaps
+
+
+def host_ops_in_idle(ops: list[tuple[str, float, float]], gaps: list[tuple[float, float]], *, steps: int,
+                     top: int = 12) -> list[dict]:
+    """The innermost host operations running while the GPU sat idle, by overlap (ms/step), largest first.
+
+    >>> host_ops_in_idle([("aten::item", 0, 4), ("cudaLaunchKernel", 5, 6)], [(1, 3), (5, 9)], steps=1)
+    [{'name': 'aten::item', 'idle_ms_per_step': 0.002}, {'name': 'cudaLaunchKernel', 'idle_ms_per_step': 0.001}]
+    """
+    starts = [a for a, _ in gaps]
+    per: dict[str, float] = defaultdict(float)
+    for name, lo, hi in ops:
+        covered = _covered(gaps, starts, lo, hi)
+        if covered > 0:
+            per[name] += covered
+    return [{"name": n[:120], "idle_ms_per_step": round(us / 1e3 / steps, 3)}
+            for n, us in sorted(per.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def phases_and_busy_from_profiler(prof) -> tuple[list[tuple[str, float, float]], list[tuple[float, float]]]:
+    """The trainer's host phase ranges and the GPU's busy intervals (kernels, copies) of a finished trace."""
+    from torch.autograd import DeviceType
+
+    phases, busy = [], []
+    for e in prof.events():
+        if e.device_type == DeviceType.CPU and e.name.startswith(PHASE_PREFIX):
+            phases.append((e.name, e.time_range.start, e.time_range.end))
+        elif e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+            busy.append((e.time_range.start, e.time_range.end))
+    return phases, busy
+
+
+def innermost_host_ops(prof) -> list[tuple[str, float, float]]:
+    """(name, start, end) of every host event with no host event nested inside it: where the host really was."""
+    from torch.autograd import DeviceType
+
+    return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+            if e.device_type == DeviceType.CPU and not e.cpu_children and not e.name.startswith(PHASE_PREFIX)]
+
+
 class StepProfiler:
     """Trace the optimizer steps after `start_after_step` for `steps` steps; `.result` holds the breakdown.
 
@@ -120,11 +238,27 @@ class StepProfiler:
                 torch.cuda.synchronize()
             self.prof.stop()
             self.result = breakdown(durations_from_profiler(self.prof, cuda=self.cuda), steps=self.steps)
+            if self.cuda:  # where the GPU waited for the host, by the trainer's phases
+                phases, busy = phases_and_busy_from_profiler(self.prof)
+                self.result["idle"] = idle = idle_by_phase(phases, busy, steps=self.steps)
+                if phases:
+                    lo, hi = min(p[1] for p in phases), max(p[2] for p in phases)
+                    gaps = idle_gaps(merge_intervals(busy), lo, hi)
+                    idle["host_ops_while_idle"] = host_ops_in_idle(innermost_host_ops(self.prof), gaps, steps=self.steps)
             self.prof = None
 
 
 def format_breakdown(b: dict, *, width: int = 4) -> str:
-    """One line per family: '  matmul 71.8% (402.1 ms/step)'."""
+    """One line per family: '  matmul 71.8% (402.1 ms/step)'; then the GPU's idle time by host phase."""
     pad = " " * width
-    return "\n".join(f"{pad}{f:<22} {v['share']:6.1%} ({v['ms_per_step']:.1f} ms/step)"
-                     for f, v in b["families"].items())
+    lines = [f"{pad}{f:<22} {v['share']:6.1%} ({v['ms_per_step']:.1f} ms/step)" for f, v in b["families"].items()]
+    if b.get("idle"):
+        idle = b["idle"]
+        lines.append(f"{pad}GPU idle {idle['gpu_idle_ms_per_step']:.1f} of {idle['window_ms_per_step']:.1f} ms/step; "
+                     "by host phase: " + ", ".join(f"{k} {v['gpu_idle_ms_per_step']:.1f} (host {v['host_ms_per_step']:.1f})"
+                                                   for k, v in idle["phases"].items())
+                     + f", between phases {idle['between_phases_idle_ms_per_step']:.1f}")
+        if idle.get("host_ops_while_idle"):
+            lines.append(f"{pad}host busy with, while the GPU idled: " + ", ".join(
+                f"{o['name'][:60]} {o['idle_ms_per_step']:.1f}" for o in idle["host_ops_while_idle"][:6]))
+    return "\n".join(lines)

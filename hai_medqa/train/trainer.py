@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from loguru import logger
+from torch.profiler import record_function  # "hai/<phase>" ranges, read by bench/kernel_breakdown.py
 from tqdm import tqdm
 
 from hai_medqa import chat_format
@@ -137,8 +138,9 @@ class Trainer:
                 stats = self._step(step_mbs)  # step: this process's share, one optimizer update
                 if st.global_step == self._session_start_step and self.built.compiled_layers:
                     compile_regions.log_compile_stats(self.compile_stats(), when="after the first step")
-                rec = self._advance(step_mbs, stats, time.perf_counter() - t0, len(steps))
-                self.record.log_step(rec, stats, total_steps=self.total_steps, logging_steps=cfg.logging_steps)
+                with record_function("hai/log"):
+                    rec = self._advance(step_mbs, stats, time.perf_counter() - t0, len(steps))
+                    self.record.log_step(rec, stats, total_steps=self.total_steps, logging_steps=cfg.logging_steps)
                 for cb in self.callbacks:
                     cb(self, rec)
                 done = st.global_step >= self.total_steps or (
@@ -165,12 +167,14 @@ class Trainer:
         join_only = not positions  # a short last step: nothing left for this rank
         if join_only:
             positions = [0]
-        n_loss = self.answer_tokens(self.train_ds, step_mbs)
-        batches = [self.collate(self.train_ds, step_mbs[k]) for k in positions]
+        with record_function("hai/collate"):
+            n_loss = self.answer_tokens(self.train_ds, step_mbs)
+            batches = [self.collate(self.train_ds, step_mbs[k]) for k in positions]
         seeds = [self.dropout_seed(self.state.global_step, k) for k in positions]
         stats = self.train_step(batches, n_loss, dropout_seeds=seeds, join_only=join_only)
         if rt.on_gpu:
-            torch.cuda.synchronize(rt.device)
+            with record_function("hai/step_sync"):
+                torch.cuda.synchronize(rt.device)
         return {**stats, "loss_tokens": n_loss}
 
     def _advance(self, step_mbs: list[list[int]], stats: dict[str, float], dt: float, steps_in_epoch: int,
@@ -250,26 +254,31 @@ class Trainer:
             if dropout_seeds is not None:
                 torch.manual_seed(dropout_seeds[k])
             with sync:
-                out = model(**batch, use_cache=False, num_items_in_batch=n_items)
-                (out.loss * weight).backward()
+                with record_function("hai/forward"):
+                    out = model(**batch, use_cache=False, num_items_in_batch=n_items)
+                with record_function("hai/backward"):
+                    (out.loss * weight).backward()
             if not join_only:
                 loss_sum += out.loss.detach()
-        loss = rt.accelerator.reduce(loss_sum, reduction="sum") if rt.world_size > 1 else loss_sum
-        loss_value = float(loss)
+        with record_function("hai/loss_sync"):
+            loss = rt.accelerator.reduce(loss_sum, reduction="sum") if rt.world_size > 1 else loss_sum
+            loss_value = float(loss)
         lr = float(self.scheduler.get_last_lr()[0])
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"loss is {loss_value} at step {self.state.global_step + 1}")
-        if fsdp:  # one flattened all-reduce of the replicated LoRA gradients, after the last backward
-            fsdp_lora.average_gradients(self.trainable_parameters, rt.world_size)
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm))
+        with record_function("hai/grad_clip"):
+            if fsdp:  # one flattened all-reduce of the replicated LoRA gradients, after the last backward
+                fsdp_lora.average_gradients(self.trainable_parameters, rt.world_size)
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, max_norm))
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {self.state.global_step + 1}")
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("hai/optimizer"):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm}
 
     # ------------------------------------------------------------------ evaluation

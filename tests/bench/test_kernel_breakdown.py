@@ -79,3 +79,46 @@ def test_step_profiler_traces_only_the_steps_after_its_start(bench_module):
     fams = prof.result["families"]
     assert "matmul" in fams and fams["matmul"]["share"] > 0.5
     assert fams.get("element-wise", {"share": 0.0})["share"] < fams["matmul"]["share"]
+
+
+def test_idle_by_phase_charges_gpu_gaps_to_the_host_phase_they_fall_in(bench_module):
+    """GPU busy 0-8 and 12-30 (µs) under host phases forward 0-10, optimizer 10-14, collate 16-20 over 2 steps:
+    the idle 8-12 splits 2 to forward and 2 to optimizer; nothing idles in collate; 14-16 lies between phases."""
+    mod = bench_module("kernel_breakdown")
+    r = mod.idle_by_phase([("hai/forward", 0, 10), ("hai/optimizer", 10, 14), ("hai/collate", 16, 20)],
+                          [(12, 20), (0, 5), (4, 8), (20, 30)], steps=2)
+    assert r["phases"]["forward"] == {"host_ms_per_step": 0.005, "gpu_idle_ms_per_step": 0.001}
+    assert r["phases"]["optimizer"]["gpu_idle_ms_per_step"] == 0.001
+    assert r["phases"]["collate"]["gpu_idle_ms_per_step"] == 0.0
+    assert r["gpu_idle_ms_per_step"] == pytest.approx(0.002)  # 4 µs of 20, over 2 steps
+    assert r["between_phases_idle_ms_per_step"] == pytest.approx(0.0)
+    gaps = mod.idle_gaps(mod.merge_intervals([(12, 20), (0, 5), (4, 8)]), 0, 20)
+    assert gaps == [(8, 12)]
+    ops = mod.host_ops_in_idle([("aten::item", 7, 11), ("cudaLaunchKernel", 0, 8)], gaps, steps=1)
+    assert ops == [{"name": "aten::item", "idle_ms_per_step": 0.003}]
+
+
+def test_trainer_steps_are_traced_as_disjoint_host_phases(tmp_path, tiny_exaone_dir, sample_jsonl, bench_module):
+    """The idle analysis charges the GPU's idle time to the trainer's "hai/..." ranges, so every phase of a step
+    must appear once per step, and no two may overlap (an overlap would charge the same idle time twice)."""
+    from hai_medqa.train.config import TrainConfig
+    from hai_medqa.train.trainer import Trainer
+
+    mod = bench_module("kernel_breakdown")
+    cfg = TrainConfig(model=str(tiny_exaone_dir), train_file=str(sample_jsonl["train"]), val_file=None,
+                      output_dir=str(tmp_path / "run"),
+                      cache_dir=str(tmp_path / "cache"), profile="plain", max_steps=3, save_steps=10**6,
+                      tensorboard=False, tokens_per_micro_batch=512, gradient_accumulation_steps=2)
+    trainer = Trainer(cfg, {"profile"})
+    trainer.setup()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        trainer.train()
+    phases, _ = mod.phases_and_busy_from_profiler(prof)
+    counts: dict[str, int] = {}
+    for name, _, _ in phases:
+        counts[name] = counts.get(name, 0) + 1
+    assert counts == {"hai/collate": 3, "hai/forward": 6, "hai/backward": 6, "hai/loss_sync": 3, "hai/grad_clip": 3,
+                      "hai/optimizer": 3, "hai/log": 3}, counts
+    spans = sorted((lo, hi) for _, lo, hi in phases)
+    assert all(a_hi <= b_lo for (_, a_hi), (b_lo, _) in zip(spans, spans[1:], strict=False)), "phases overlap"
+    assert mod.innermost_host_ops(prof), "no host operations traced"
