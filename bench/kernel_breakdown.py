@@ -239,20 +239,27 @@ class StepProfiler:
             self.prof.stop()
             self.result = breakdown(durations_from_profiler(self.prof, cuda=self.cuda), steps=self.steps)
             if self.cuda:  # where the GPU waited for the host, by the trainer's phases
-                phases, busy = phases_and_busy_from_profiler(self.prof)
-                self.result["idle"] = idle = idle_by_phase(phases, busy, steps=self.steps)
-                if phases:
-                    lo, hi = min(p[1] for p in phases), max(p[2] for p in phases)
-                    gaps = idle_gaps(merge_intervals(busy), lo, hi)
-                    idle["host_ops_while_idle"] = host_ops_in_idle(innermost_host_ops(self.prof), gaps, steps=self.steps)
+                try:
+                    self.result["idle"] = self._idle()
+                except Exception as e:  # an analysis bug must not cost the arm's measured figures
+                    self.result["idle"] = {"error": f"{type(e).__name__}: {e}"}
             self.prof = None
+
+    def _idle(self) -> dict:
+        phases, busy = phases_and_busy_from_profiler(self.prof)
+        idle = idle_by_phase(phases, busy, steps=self.steps)
+        if phases:
+            lo, hi = min(p[1] for p in phases), max(p[2] for p in phases)
+            gaps = idle_gaps(merge_intervals(busy), lo, hi)
+            idle["host_ops_while_idle"] = host_ops_in_idle(innermost_host_ops(self.prof), gaps, steps=self.steps)
+        return idle
 
 
 def format_breakdown(b: dict, *, width: int = 4) -> str:
     """One line per family: '  matmul 71.8% (402.1 ms/step)'; then the GPU's idle time by host phase."""
     pad = " " * width
     lines = [f"{pad}{f:<22} {v['share']:6.1%} ({v['ms_per_step']:.1f} ms/step)" for f, v in b["families"].items()]
-    if b.get("idle"):
+    if b.get("idle") and "error" not in b["idle"]:
         idle = b["idle"]
         lines.append(f"{pad}GPU idle {idle['gpu_idle_ms_per_step']:.1f} of {idle['window_ms_per_step']:.1f} ms/step; "
                      "by host phase: " + ", ".join(f"{k} {v['gpu_idle_ms_per_step']:.1f} (host {v['host_ms_per_step']:.1f})"
