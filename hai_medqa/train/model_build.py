@@ -32,6 +32,7 @@ from hai_medqa.train import (
 )
 from hai_medqa.train.config import TrainConfig
 from hai_medqa.train.errors import TrainingError
+from hai_medqa.train.flat_optimizer import FlatOptimizer
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,17 @@ def build_optimizer(model: Any, cfg: TrainConfig, runtime: Any, *, warmup_steps:
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, name = backends.build_optimizer(params, cfg, runtime.device)
+    built: dict[str, str] = {}
+
+    def make(tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
+        opt, built["name"] = backends.build_optimizer(tensors, cfg, runtime.device)
+        return opt
+
+    if runtime.fsdp_version is None:  # one flat tensor, one launch (flat_optimizer.py); FSDP: memory comes first
+        optimizer = FlatOptimizer(params, make)
+        inner = optimizer.inner
+    else:
+        optimizer = inner = make(params)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_scheduler]
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-    return optimizer, scheduler, name
+    scheduler = get_scheduler(schedule, inner, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    return optimizer, scheduler, built["name"]

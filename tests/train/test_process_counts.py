@@ -45,6 +45,7 @@ class RecordingRank:
     """One process as Trainer._step sees it: the real dealing code; `train_step` only records."""
 
     _step = Trainer._step
+    _step_inputs = Trainer._step_inputs
     dropout_seed = Trainer.dropout_seed
     answer_tokens = staticmethod(Trainer.answer_tokens)
 
@@ -58,9 +59,11 @@ class RecordingRank:
     def collate(self, ds, indices):
         return list(indices)  # the micro-batch itself stands in for its tensors
 
-    def train_step(self, batches, n_loss, *, dropout_seeds, join_only):
+    def train_step(self, batches, n_loss, *, dropout_seeds, join_only, after_backward=None):
         self.calls.append({"step": self.state.global_step, "batches": batches, "n_loss": n_loss,
                            "seeds": dropout_seeds, "join_only": join_only})
+        if after_backward is not None:  # the next step's inputs, collated as the trainer does mid-step
+            after_backward()
         return {"loss": 0.0, "lr": 0.0, "grad_norm": 0.0}
 
 
@@ -69,10 +72,14 @@ def run_epoch(micro_batches, *, world_size: int, accumulation: int, answer_lengt
     """Every rank through the epoch's steps (from `steps_done` on), as the trainer's loop calls `_step`."""
     steps = group_into_steps(micro_batches, accumulation=accumulation, world_size=world_size)
     ranks = [RecordingRank(r, world_size, answer_lengths) for r in range(world_size)]
-    for i, step_mbs in enumerate(steps[steps_done:]):
-        for rank in ranks:
+    ready = [None] * world_size  # each rank's next step, collated during this one (Trainer._loop)
+    todo = steps[steps_done:]
+    for i, step_mbs in enumerate(todo):
+        next_mbs = todo[i + 1] if i + 1 < len(todo) else None
+        for r, rank in enumerate(ranks):
             rank.state.global_step = start_step + i
-            rank._step(step_mbs)
+            _, ready[r] = rank._step(step_mbs, ready[r], next_mbs)
+            assert (ready[r] is None) == (next_mbs is None) and (ready[r] is None or ready[r].step_mbs == next_mbs)
     return ranks
 
 
