@@ -160,6 +160,31 @@ def test_evaluation_does_not_change_training_gradients(make_cfg, sample_jsonl, t
         assert torch.allclose(before[name], after[name], rtol=1e-5, atol=1e-8), name
 
 
+def test_every_way_out_of_evaluation_leaves_the_model_training(make_cfg, sample_jsonl, tmp_path):
+    """train_step skips model.train() when the model is already training (walking ~2,700 modules cost a 7.8B step
+    several ms of idle GPU), so evaluation, a cut-short evaluation and the sample answers must each put every
+    module back in training mode themselves."""
+    from types import SimpleNamespace
+
+    from hai_medqa.train import sample_answers
+
+    cfg, explicit = make_cfg(tmp_path / "modes", val_file=str(sample_jsonl["validation"]), max_eval_samples=4,
+                             sample_questions=1, sample_max_new_tokens=2)
+    trainer = Trainer(cfg, explicit)
+    trainer.setup()
+
+    def all_training() -> bool:
+        return all(m.training for m in trainer.model.modules())
+
+    assert all_training()
+    assert trainer.evaluate() is not None and all_training()
+    cut = SimpleNamespace(requested=lambda rt: True, seen=lambda: True, describe=lambda: "a test signal")
+    assert trainer.evaluate(cut) is None and all_training()
+    sample_answers.at_evaluation(trainer)
+    assert all_training()
+    assert (trainer.out / "samples.jsonl").exists()  # the answers really ran (in eval mode)
+
+
 def test_early_stopping_keeps_best_and_last_adapters(make_cfg, sample_jsonl, tmp_path):
     out = tmp_path / "early"
     summary = run_training(*make_cfg(out, val_file=str(sample_jsonl["validation"]), max_eval_samples=6,
