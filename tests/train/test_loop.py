@@ -83,6 +83,34 @@ def test_sigterm_then_resume_matches_uninterrupted_run(make_cfg, tmp_path):
     assert "tokenisation cache hit" in (out / "train.log").read_text(encoding="utf-8")
 
 
+def test_resume_with_lora_stepped_as_one_flat_tensor_matches_uninterrupted_run(make_cfg, tmp_path):
+    """At rank 64 most of the tiny model's LoRA tensors are whole 256-element blocks of at least 4,096 elements, so
+    the optimizer steps them as one flat tensor (flat_optimizer.py) and the rest (k/v's B, 2,048 elements: 32-bit
+    states in bitsandbytes) on their own; the checkpoint (per-tensor format) must resume that exactly."""
+    extra = {"lora_r": 64, "lora_alpha": 128}
+    seen: dict[str, int] = {}
+
+    def note(trainer, rec):
+        seen.update(members=len(trainer.optimizer.members), loners=len(trainer.optimizer.loners))
+
+    run_training(*make_cfg(tmp_path / "straight", **extra), callbacks=[note])
+    assert seen["members"] >= 2 and seen["loners"] >= 1, seen  # both paths in one run
+
+    def send_sigterm(trainer, rec):
+        if rec["step"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "interrupted"
+    assert run_training(*make_cfg(out, **extra), callbacks=[send_sigterm])["status"] == "interrupted"
+    assert run_training(*make_cfg(out, resume="true", **extra))["status"] == "completed"
+    a, b = metrics(tmp_path / "straight"), metrics(out)
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=2e-5)
+    wa = load_file(str(tmp_path / "straight" / "adapter_last" / "adapter_model.safetensors"))
+    wb = load_file(str(out / "adapter_last" / "adapter_model.safetensors"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
 def test_resume_refuses_a_changed_recipe_or_data(make_cfg, sample_jsonl, tmp_path):
     out = tmp_path / "run"
     cfg, explicit = make_cfg(out, max_steps=2, save_steps=1)
