@@ -4,7 +4,8 @@ Packed (default, padding-free): whole samples are laid end to end in one row of 
 ``tokens_per_micro_batch`` tokens. ``position_ids`` restart at 0 for every sample and no
 ``attention_mask`` is passed, so transformers derives per-sample (block-diagonal causal) attention
 from the position ids (`transformers.masking_utils.find_packed_sequence_indices`; flash-attention
-turns the same ids into varlen offsets). The label of each sample's first token is IGNORE_INDEX (it
+turns the same ids into varlen offsets). With flex attention the trainer passes the BlockMask
+transformers would derive, built from the host's copy of the ids (`packed_flex_block_mask`). The label of each sample's first token is IGNORE_INDEX (it
 is prompt), so the shifted loss never predicts across a boundary. With ``pad_to_fixed_length`` the
 row is topped up with filler that has its own position-id run (it attends only to itself) and
 IGNORE_INDEX labels, so every row has one shape.
@@ -109,6 +110,45 @@ def collate_packed(ds: TokenizedDataset, indices: Sequence[int], *, pad_to: int 
         "labels": torch.cat(labels)[None],
         "position_ids": torch.cat(pos)[None],
     }
+
+
+def packed_mask_function(position_ids: torch.Tensor, position_ids_on_device: torch.Tensor | None = None):
+    """transformers' attention rule for a packed row (causal, and only within a sample), found on the host.
+
+    The same mask function `transformers.masking_utils.create_causal_mask` derives from the position ids,
+    made from transformers' own pieces; the sample boundaries are read from the CPU copy of `position_ids`,
+    where transformers reads them from the device copy with a host wait (`find_packed_sequence_indices`).
+    The returned function closes over device tensors when `position_ids_on_device` is given.
+
+        position ids [[0, 1, 2, 0, 1]] -> token 3 attends to 3 only, token 4 to 3 and 4
+    """
+    from transformers.masking_utils import (
+        causal_mask_function,
+        find_packed_sequence_indices,
+        packed_sequence_compatibility_function,
+    )
+
+    packed = find_packed_sequence_indices(position_ids)  # None: one sample (plain causal)
+    if packed is None:
+        return causal_mask_function
+    device_ids = position_ids if position_ids_on_device is None else position_ids_on_device
+    return packed_sequence_compatibility_function(causal_mask_function, device_ids,
+                                                  packed.to(device_ids.device, non_blocking=True))
+
+
+def packed_flex_block_mask(position_ids: torch.Tensor, position_ids_on_device: torch.Tensor):
+    """The flex-attention BlockMask transformers would build for a packed row, built without waiting for the GPU.
+
+    transformers takes a ready 4-D BlockMask passed as ``attention_mask`` as it is, so the trainer builds it
+    while the previous step's backward still runs on the GPU (docs/performance.md: the forward otherwise
+    began with the host waiting for the GPU, then building the mask while the GPU waited).
+    """
+    from transformers.masking_utils import flex_attention_mask
+
+    batch, length = position_ids.shape
+    return flex_attention_mask(batch, length, length,
+                               mask_function=packed_mask_function(position_ids, position_ids_on_device),
+                               device=position_ids_on_device.device)
 
 
 def collate_padded(ds: TokenizedDataset, indices: Sequence[int], *, pad_token_id: int = 0) -> dict[str, torch.Tensor]:

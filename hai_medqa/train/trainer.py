@@ -51,7 +51,13 @@ from hai_medqa.train.config import (
 )
 from hai_medqa.train.errors import NonFiniteLossError, TrainingError
 from hai_medqa.train.model_build import BuiltModel, build_model, build_optimizer
-from hai_medqa.train.packing import collate_packed, collate_padded, group_into_steps, plan_epoch
+from hai_medqa.train.packing import (
+    collate_packed,
+    collate_padded,
+    group_into_steps,
+    packed_flex_block_mask,
+    plan_epoch,
+)
 from hai_medqa.train.run_record import RunRecord
 from hai_medqa.train.runtime import detect_runtime
 from hai_medqa.train.sft_data import TokenizedDataset, check_sft_file, load_tokenized
@@ -202,8 +208,10 @@ class Trainer:
             join_only = not positions  # a short last step: nothing left for this rank
             if join_only:
                 positions = [0]
+            # flex attention: the mask is built here too, from the host's position ids (packing.packed_flex_block_mask)
+            block_mask = self.attn_implementation == "flex_attention" and self.cfg.batching == "packed"
             return StepInputs(step_mbs, positions, join_only, self.answer_tokens(self.train_ds, step_mbs),
-                              [self.collate(self.train_ds, step_mbs[k]) for k in positions])
+                              [self.collate(self.train_ds, step_mbs[k], block_mask=block_mask) for k in positions])
 
     def _advance(self, step_mbs: list[list[int]], stats: dict[str, float], dt: float, steps_in_epoch: int,
                  ) -> dict[str, Any]:
@@ -538,17 +546,22 @@ class Trainer:
         return int(np.random.SeedSequence([self.cfg.seed, global_step, position]).generate_state(1, np.uint64)[0]
                    % 2**63)
 
-    def collate(self, ds: TokenizedDataset, indices: list[int]) -> dict[str, torch.Tensor]:
-        """Tensors of one micro-batch (packed row or padded batch), on the training device."""
+    def collate(self, ds: TokenizedDataset, indices: list[int], *, block_mask: bool = False) -> dict[str, Any]:
+        """Tensors of one micro-batch (packed row or padded batch), on the training device; with
+        `block_mask` (packed rows, flex attention) also its ready flex-attention mask as ``attention_mask``."""
         cfg = self.cfg
         if cfg.batching == "packed":
             batch = collate_packed(ds, indices, pad_token_id=self.chat_ids.pad_id,
                                    pad_to=cfg.tokens_per_micro_batch if cfg.pad_to_fixed_length else None)
         else:
             batch = collate_padded(ds, indices, pad_token_id=self.chat_ids.pad_id)
+        host_positions = batch.get("position_ids")
         if self.runtime.on_gpu:  # pinned: the copy is queued behind the GPU's work instead of waiting for it
             batch = {k: v.pin_memory() for k, v in batch.items()}
-        return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
+        out: dict[str, Any] = {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
+        if block_mask and host_positions is not None:
+            out["attention_mask"] = packed_flex_block_mask(host_positions, out["position_ids"])
+        return out
 
     @staticmethod
     def answer_tokens(ds: TokenizedDataset, micro_batches: Iterable[list[int]]) -> int:

@@ -3,6 +3,9 @@ samples and multi-turn ones whose every assistant turn carries loss."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,8 @@ from hai_medqa.train.packing import (
     count_loss_tokens,
     group_into_steps,
     pack_in_order,
+    packed_flex_block_mask,
+    packed_mask_function,
     plan_epoch,
 )
 from hai_medqa.train.sft_data import IGNORE_INDEX, TokenizedDataset, tokenize_records
@@ -222,3 +227,76 @@ def test_startup_isolation_probe_reports_exact_sdpa():
     from hai_medqa.train.backends import packing_isolation_error
 
     assert packing_isolation_error("sdpa", torch.device("cpu")) < 1e-4
+
+
+@pytest.mark.parametrize("rows", [([0, 5, 2, 6], 1400), ([1, 3], None), ([0], None)], ids=["filler", "two", "one"])
+def test_host_built_mask_rule_is_the_one_transformers_derives(ds, rows):
+    """The trainer builds flex attention's mask from the host's position ids (no wait for the GPU); its rule must be
+    the one transformers derives from the device's ids: the same boolean mask, token by token (sample boundaries,
+    the fixed-length filler's own run, a row of one sample)."""
+    from torch.nn.attention.flex_attention import create_mask
+    from transformers import LlamaConfig
+    from transformers.masking_utils import create_causal_mask
+
+    indices, pad_to = rows
+    pos = collate_packed(ds, indices, pad_to=pad_to)["position_ids"]
+    length = pos.shape[1]
+    cfg = LlamaConfig()
+    cfg._attn_implementation = "sdpa"  # transformers materialises the same rule as a dense mask for sdpa
+    want = create_causal_mask(config=cfg, inputs_embeds=torch.empty(1, length, 1), attention_mask=None,
+                              past_key_values=None, position_ids=pos, allow_is_causal_skip=False)
+    got = create_mask(packed_mask_function(pos), 1, None, length, length, device="cpu")
+    assert want.shape == got.shape == (1, 1, length, length)
+    assert torch.equal(want, got)
+    if len(indices) > 1:  # really block-diagonal: the last token does not see the first sample
+        assert not bool(got[0, 0, -1, 0])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("HAI_TEST_COMPILE_SLOW") != "1",
+                    reason="flex attention's mask builder compiles with inductor (~25 s on the 2-core machine); "
+                           "HAI_TEST_COMPILE_SLOW=1")
+def test_host_built_block_mask_gives_transformers_logits(ds, tiny_exaone_dir):
+    """The ready BlockMask passed as attention_mask (what the trainer does with flex attention) gives the logits
+    transformers gives when it builds the mask itself from the position ids."""
+    from hai_medqa.model.load import load_causal_lm
+
+    m = load_causal_lm(tiny_exaone_dir, quantize_4bit=False, dtype=torch.float32, attn_implementation="flex_attention")
+    row = collate_packed(ds, [0, 5, 2, 6], pad_to=1408)
+    with torch.no_grad():
+        want = m(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False).logits
+        mask = packed_flex_block_mask(row["position_ids"], row["position_ids"])
+        got = m(input_ids=row["input_ids"], position_ids=row["position_ids"], attention_mask=mask, use_cache=False).logits
+    assert torch.equal(want, got)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("HAI_TEST_COMPILE_SLOW") != "1",
+                    reason="flex attention's mask builder compiles with inductor (~25 s on the 2-core machine); "
+                           "HAI_TEST_COMPILE_SLOW=1")
+def test_trainer_hands_flex_attention_its_ready_mask(tmp_path, tiny_exaone_dir, sample_jsonl):
+    """With flex attention (a GPU's: on a CPU the trainer picks sdpa, so the recorded choice is set here as a GPU run
+    records it) the trainer's step inputs carry the BlockMask, and a flex-attention model's loss with it is the loss
+    transformers computes from the position ids alone (forward only: flex attention has no CPU backward)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from hai_medqa.model.load import load_causal_lm
+    from hai_medqa.train.config import TrainConfig
+    from hai_medqa.train.trainer import Trainer
+
+    cfg = TrainConfig(model=str(tiny_exaone_dir), train_file=str(sample_jsonl["train"]), val_file=None,
+                      output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), profile="plain",
+                      max_steps=1, tensorboard=False, tokens_per_micro_batch=1024,
+                      pad_to_fixed_length=True)  # torch 2.13's CPU flex kernel fails to compile at odd lengths
+    trainer = Trainer(cfg, {"profile", "pad_to_fixed_length"})
+    trainer.setup()
+    assert "attention_mask" not in trainer._step_inputs([[0, 1, 2]]).batches[0]  # sdpa: transformers builds it
+    trainer.built = dataclasses.replace(trainer.built, attn_implementation="flex_attention")
+    batch = trainer._step_inputs([[0, 1, 2]]).batches[0]
+    assert isinstance(batch["attention_mask"], BlockMask)
+    without = {k: v for k, v in batch.items() if k != "attention_mask"}
+    flex = load_causal_lm(tiny_exaone_dir, quantize_4bit=False, dtype=torch.float32, attn_implementation="flex_attention")
+    with torch.no_grad():
+        a = flex(**batch, use_cache=False).loss
+        b = flex(**without, use_cache=False).loss
+    assert torch.equal(a, b)

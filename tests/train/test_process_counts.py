@@ -51,12 +51,13 @@ class RecordingRank:
 
     def __init__(self, rank: int, world_size: int, answer_lengths, seed: int = 0):
         self.runtime = SimpleNamespace(rank=rank, world_size=world_size, on_gpu=False)
-        self.cfg = SimpleNamespace(seed=seed)
+        self.cfg = SimpleNamespace(seed=seed, batching="packed")
+        self.attn_implementation = "sdpa"
         self.train_ds = SimpleNamespace(answer_lengths=answer_lengths)
         self.state = SimpleNamespace(global_step=0)
         self.calls: list[dict] = []
 
-    def collate(self, ds, indices):
+    def collate(self, ds, indices, *, block_mask=False):
         return list(indices)  # the micro-batch itself stands in for its tensors
 
     def train_step(self, batches, n_loss, *, dropout_seeds, join_only, after_backward=None):
