@@ -11,8 +11,9 @@ mark begin
 nvidia-smi topo -m > $R/topo.txt 2>&1
 # 1. The peers again, with the two levers added after job9 (09532ed: no model.train() walk per step; 78d3704: flex
 #    attention's mask built on the host during the backward) and the idle analysis; TRL's checkpointing arm's spread
-#    (8,479 in job9 against 9,086-9,108 before).
-python3 bench/train_throughput.py --shape 7.8b --variants "fast;lean;fast:base_precision=fp8" --peers trl:flex,unsloth \
+#    (8,479 in job9 against 9,086-9,108 before). fast:dequantize_cache=true: 19 ms/step of NF4 dequantisation gone for
+#    +13 GiB; slower in job8 (12,382) only through idle time the one-tensor optimizer step has since removed?
+python3 bench/train_throughput.py --shape 7.8b --variants "fast;lean;fast:base_precision=fp8;fast:dequantize_cache=true" --peers trl:flex,unsloth \
    --peer-kit /tmp/kit --gpus 0,1 --warmup 3 --steps 10 --kernel-profile 3 --workdir /tmp/hb --out $R/tt78_peers.json > $R/tt78_peers.log 2>&1; mark peers rc=$?
 # 2. Why DDP scales 1.84x (fast) / 1.63x (lean) since the layers compile and lean offloads: each turned off in turn, the
 #    transport NCCL picks logged, the kernel and idle breakdown of the two-process arms (communication is its own family).
