@@ -135,6 +135,31 @@ def test_compiled_layers_train_like_eager(tiny_llama_dir):
     assert all("_orig_mod" not in n for n, _ in model.named_parameters())
 
 
+def test_compiled_layers_hand_over_gradients_layer_by_layer(tiny_llama_dir):
+    """DDP all-reduces a bucket of gradients as soon as it fills, overlapping the backward of the layers below; that
+    needs each layer's LoRA gradients released when that layer's backward ends, not all at the end. In the autograd
+    graph: one compiled backward node per layer call, each the parent of exactly its own layer's LoRA weights."""
+    model = _model(tiny_llama_dir, checkpointing=False)
+    compile_regions.compile_decoder_layers(model, dynamic=False, backend="aot_eager")
+    layer_of = {id(p): int(n.split("layers.")[1].split(".")[0]) for n, p in model.named_parameters() if p.requires_grad}
+    loss = model(**packed_label_batches(1)[0], use_cache=False).loss
+    released: list[set[int]] = []  # per compiled backward node: the layers whose weights it hands gradients to
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        children = [fn for fn, _ in node.next_functions if fn is not None]
+        if "CompiledFunction" in type(node).__name__:
+            released.append({layer_of[id(fn.variable)] for fn in children if type(fn).__name__ == "AccumulateGrad"})
+        todo.extend(children)
+    n = model.config.num_hidden_layers
+    assert sorted(released, key=min) == [{i} for i in range(n)], released
+    per_layer = sum(1 for i in layer_of.values() if i == 0)
+    assert per_layer == 2 * len(TARGETS)  # A and B of every projection
+
+
 # A stand-in model for the region's bookkeeping (graphs, recompiles, breaks): compiles in a fraction of a second.
 class ToyDecoderLayer(torch.nn.Module):
     def __init__(self, graph_break: bool = False):
