@@ -14,6 +14,12 @@ are what to read.
 
 On a machine without CUDA (the tests) the same table is built from the CPU operators' own time
 (``aten::mm`` -> matmul, ...), so the mechanics are checked there.
+
+On a GPU the result also holds ``idle``: how long the GPU sat idle while the host was in each phase of
+the trainer's step (its ``record_function("hai/<phase>")`` ranges: collate, forward, backward, grad_clip,
+loss_sync, optimizer, step_sync, log; `idle_by_phase`) and the innermost host operations that ran
+meanwhile (`host_ops_while_idle`). The profiler slows the host, so a host-bound phase looks worse traced
+than it is; compare an arm's traced step with its untraced one (tok/s) before reading idle time as lost.
 """
 
 from __future__ import annotations

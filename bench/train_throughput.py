@@ -474,7 +474,8 @@ def main() -> int:
                          "drawn at random: a loss floor of ~0.1, so long runs stay comparable)")
     ap.add_argument("--kernel-profile", type=int, default=0, metavar="N",
                     help="trace N more optimizer steps of each project arm with torch.profiler, after its timed steps, "
-                         "and report its GPU time by kernel family (bench/kernel_breakdown.py)")
+                         "and report its GPU time by kernel family and the GPU's idle time by trainer phase "
+                         "(bench/kernel_breakdown.py)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
