@@ -7,7 +7,7 @@ GPU idle while the host stepped the optimizer (H200, `bench/kernel_breakdown.py`
 docs/performance.md). `FlatOptimizer` gives the optimizer one fp32 master copy of the parameters,
 concatenated, and steps that:
 
-    grads of the 448 tensors --cat--> flat grad -> optimizer step on the flat tensor -> copy back
+    values and grads of the 448 tensors --copy--> flat tensor -> optimizer step on it -> copy back
 
 The update is bit for bit the per-tensor one: AdamW is element-wise, and bitsandbytes' blockwise 8-bit
 states quantise blocks of 256 elements, so a tensor joins the flat copy only where its blocks stay its
@@ -68,7 +68,7 @@ class FlatOptimizer:
         probe = make([torch.nn.Parameter(torch.zeros(1, device=self.params[0].device))]) if self.params else None
         members = [i for i, p in enumerate(self.params) if probe is not None and flattenable(p, probe)]
         self.members = members if len(members) > 1 else []  # one tensor alone gains nothing
-        self.loners = [i for i in range(len(self.params)) if i not in set(self.members)]
+        self.loners = sorted(set(range(len(self.params))) - set(self.members))
         self.offsets: list[int] = []
         total = 0
         for i in self.members:
@@ -78,7 +78,7 @@ class FlatOptimizer:
         if self.members:
             with torch.no_grad():
                 self.flat = torch.nn.Parameter(torch.cat([self.params[i].detach().reshape(-1) for i in self.members]))
-            # the views the copy-back writes from, made once
+            # views of the flat copy, one per member, made once
             self._views = [self.flat.detach()[o:o + self.params[i].numel()].view_as(self.params[i])
                            for i, o in zip(self.members, self.offsets, strict=True)]
         self.inner = make(([self.flat] if self.flat is not None else []) + [self.params[i] for i in self.loners])
@@ -99,8 +99,12 @@ class FlatOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Gather the gradients into the flat tensor, step, write the new values back."""
+        """Gather values and gradients into the flat tensor, step, write the new values back.
+
+        The values are gathered too (one copy, ~0.1 ms at 7.8B) so the flat copy is never stale: whatever
+        wrote the parameters since the last step (an adapter loaded into the model) is what gets stepped."""
         if self.flat is not None:
+            torch._foreach_copy_(self._views, [self.params[i].data for i in self.members])
             grads = [self.params[i].grad for i in self.members]
             if any(g is None for g in grads):  # stepped as a zero gradient (the project's LoRA always has one)
                 grads = [torch.zeros_like(self.params[i]) if g is None else g for i, g in zip(self.members, grads, strict=True)]

@@ -5,8 +5,9 @@ Packed (default, padding-free): whole samples are laid end to end in one row of 
 ``attention_mask`` is passed, so transformers derives per-sample (block-diagonal causal) attention
 from the position ids (`transformers.masking_utils.find_packed_sequence_indices`; flash-attention
 turns the same ids into varlen offsets). With flex attention the trainer passes the BlockMask
-transformers would derive, built from the host's copy of the ids (`packed_flex_block_mask`). The label of each sample's first token is IGNORE_INDEX (it
-is prompt), so the shifted loss never predicts across a boundary. With ``pad_to_fixed_length`` the
+transformers would derive, built from the host's copy of the ids (`packed_flex_block_mask`). The
+label of each sample's first token is IGNORE_INDEX (it is prompt), so the shifted loss never
+predicts across a boundary. With ``pad_to_fixed_length`` the
 row is topped up with filler that has its own position-id run (it attends only to itself) and
 IGNORE_INDEX labels, so every row has one shape.
 

@@ -276,7 +276,7 @@ class Trainer:
         the step waits for the GPU (host work there overlaps the GPU's backward).
         """
         model, cfg, rt = self.model, self.cfg, self.runtime
-        if not model.training:  # train() walks ~2,700 modules at 7.8B (~4-7 ms of host time a step, the GPU idle);
+        if not model.training:  # train() walks ~2,700 modules at 7.8B (~6 ms here: bench/cpu_probes.py train-walk);
             model.train()  # evaluation and sample answers put the mode back themselves
         n_items = torch.tensor(float(num_loss_tokens), device=rt.device)
         loss_sum = torch.zeros((), device=rt.device)

@@ -106,3 +106,18 @@ def test_a_state_dict_for_other_tensors_is_refused_in_one_line():
     other = _make("adamw_torch")(params[:2])
     with pytest.raises(ValueError, match="optimizer state for 2 tensors"):
         opt.load_state_dict(other.state_dict())
+
+
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+def test_parameters_written_after_the_optimizer_was_made_are_the_ones_stepped():
+    """A resume loads the adapter into the model; were that after the optimizer was built, a flat copy taken once
+    would step the old values and write them back over the loaded ones."""
+    ref_params, flat_params = _params(), _params()
+    ref, flat = _make("paged_adamw_8bit")(ref_params), FlatOptimizer(flat_params, _make("paged_adamw_8bit"))
+    with torch.no_grad():
+        for p in ref_params + flat_params:
+            p.mul_(3.0)
+    _run(ref, ref_params, range(2))
+    _run(flat, flat_params, range(2))
+    for a, b in zip(ref_params, flat_params, strict=True):
+        assert torch.equal(a, b)
