@@ -250,7 +250,7 @@ class StepProfiler:
 
     def _idle(self) -> dict:
         phases, busy = phases_and_busy_from_profiler(self.prof)
-        busy = merge_intervals(busy)  # once: a traced 7.8B step has ~100,000 kernels
+        busy = merge_intervals(busy)  # once, for both uses below
         idle = idle_by_phase(phases, busy, steps=self.steps)
         if phases:
             lo, hi = min(p[1] for p in phases), max(p[2] for p in phases)
