@@ -18,8 +18,11 @@ On a machine without CUDA (the tests) the same table is built from the CPU opera
 On a GPU the result also holds ``idle``: how long the GPU sat idle while the host was in each phase of
 the trainer's step (its ``record_function("hai/<phase>")`` ranges: collate, forward, backward, grad_clip,
 loss_sync, optimizer, step_sync, log; `idle_by_phase`) and the innermost host operations that ran
-meanwhile (`host_ops_while_idle`). The profiler slows the host, so a host-bound phase looks worse traced
-than it is; compare an arm's traced step with its untraced one (tok/s) before reading idle time as lost.
+meanwhile (`host_ops_while_idle`), and every host event's own time (its range less the events nested in
+it: Python between operators counts too) that overlapped the GPU's idle time (`host_own_time_while_idle`;
+with ``--kernel-profile-stack`` the Python frames are named). The profiler slows the host, so a host-bound
+phase looks worse traced than it is; compare an arm's traced step with its untraced one (tok/s) before
+reading idle time as lost.
 """
 
 from __future__ import annotations
@@ -214,14 +217,43 @@ def innermost_host_ops(prof) -> list[tuple[str, float, float]]:
             if e.device_type == DeviceType.CPU and not e.cpu_children and not e.name.startswith(PHASE_PREFIX)]
 
 
+def own_time_pieces(events: list[tuple[str, float, float, list[tuple[float, float]]]]) -> list[tuple[str, float, float]]:
+    """(name, start, end) pieces of each host event's own time: its range less its children's ranges.
+
+    `events`: (name, start, end, [(child start, child end), ...]). A phase's or a Python frame's own time is
+    host work no operator inside it accounts for (Python between operators; with the profiler's
+    ``with_stack`` the Python frames are events of their own), which `innermost_host_ops` never sees.
+
+    >>> own_time_pieces([("hai/forward", 0, 10, [(2, 4), (3, 6)]), ("aten::mm", 2, 6, [])])
+    [('hai/forward', 0, 2), ('hai/forward', 6, 10), ('aten::mm', 2, 6)]
+    """
+    pieces = []
+    for name, lo, hi, children in events:
+        pieces += [(name, a, b) for a, b in idle_gaps(merge_intervals(children), lo, hi)]
+    return pieces
+
+
+def host_own_time(prof) -> list[tuple[str, float, float]]:
+    """`own_time_pieces` of every host event of a finished trace (phases, operators, Python frames) on the
+    threads that ran a torch operator (the trainer's and autograd's): a thread only waiting (a progress bar's
+    monitor) would otherwise be charged its whole sleep."""
+    from torch.autograd import DeviceType
+
+    events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
+    working = {e.thread for e in events if e.name.startswith(("aten::", PHASE_PREFIX))}
+    return own_time_pieces([(e.name, e.time_range.start, e.time_range.end,
+                             [(c.time_range.start, c.time_range.end) for c in e.cpu_children])
+                            for e in events if e.thread in working])
+
+
 class StepProfiler:
     """Trace the optimizer steps after `start_after_step` for `steps` steps; `.result` holds the breakdown.
 
     Called from the Trainer's step callback (which runs after each step): `on_step(step)`.
     """
 
-    def __init__(self, start_after_step: int, steps: int, *, cuda: bool):
-        self.start_after, self.steps, self.cuda = start_after_step, steps, cuda
+    def __init__(self, start_after_step: int, steps: int, *, cuda: bool, with_stack: bool = False):
+        self.start_after, self.steps, self.cuda, self.with_stack = start_after_step, steps, cuda, with_stack
         self.prof = None
         self.result: dict | None = None
 
@@ -234,13 +266,20 @@ class StepProfiler:
             acts = [torch.profiler.ProfilerActivity.CPU]
             if self.cuda:
                 acts.append(torch.profiler.ProfilerActivity.CUDA)
-            self.prof = torch.profiler.profile(activities=acts)
+            # with_stack: Python frames become host events, so `host_own_time_while_idle` names the Python code
+            # the GPU waited for (at a large host cost: read those steps' idle for where, not how much)
+            self.prof = torch.profiler.profile(activities=acts, with_stack=self.with_stack)
             self.prof.start()
         elif self.prof is not None and step == self.start_after + self.steps:
             if self.cuda:
                 torch.cuda.synchronize()
             self.prof.stop()
-            self.result = breakdown(durations_from_profiler(self.prof, cuda=self.cuda), steps=self.steps)
+            try:
+                durations = durations_from_profiler(self.prof, cuda=self.cuda)
+            except UnicodeDecodeError as e:  # with_stack: torch cannot always decode a frame name (pytorch#136040)
+                self.result, self.prof = {"steps": self.steps, "error": f"torch.profiler: {e}"}, None
+                return
+            self.result = breakdown(durations, steps=self.steps)
             if self.cuda:  # where the GPU waited for the host, by the trainer's phases
                 try:
                     self.result["idle"] = self._idle()
@@ -256,6 +295,9 @@ class StepProfiler:
             lo, hi = min(p[1] for p in phases), max(p[2] for p in phases)
             gaps = idle_gaps(busy, lo, hi)
             idle["host_ops_while_idle"] = host_ops_in_idle(innermost_host_ops(self.prof), gaps, steps=self.steps)
+            idle["host_own_time_while_idle"] = host_ops_in_idle(host_own_time(self.prof), gaps, steps=self.steps,
+                                                                top=25)
+            idle["with_stack"] = self.with_stack
         return idle
 
 
@@ -272,4 +314,7 @@ def format_breakdown(b: dict, *, width: int = 4) -> str:
         if idle.get("host_ops_while_idle"):
             lines.append(f"{pad}host busy with, while the GPU idled: " + ", ".join(
                 f"{o['name'][:60]} {o['idle_ms_per_step']:.1f}" for o in idle["host_ops_while_idle"][:6]))
+        if idle.get("host_own_time_while_idle"):
+            lines.append(f"{pad}host events' own time while the GPU idled: " + ", ".join(
+                f"{o['name'][:70]} {o['idle_ms_per_step']:.1f}" for o in idle["host_own_time_while_idle"][:8]))
     return "\n".join(lines)

@@ -174,7 +174,8 @@ def run_variant(spec: dict) -> dict:
     # --kernel-profile: traced steps come after the timed ones, so the profiler never slows the tok/s figure
     from kernel_breakdown import StepProfiler
 
-    profiler = StepProfiler(spec["warmup"] + spec["steps"], spec.get("kernel_profile_steps", 0), cuda=CUDA)
+    profiler = StepProfiler(spec["warmup"] + spec["steps"], spec.get("kernel_profile_steps", 0), cuda=CUDA,
+                            with_stack=spec.get("kernel_profile_stack", False))
 
     def on_step(trainer, rec):
         _sync()
@@ -476,6 +477,10 @@ def main() -> int:
                     help="trace N more optimizer steps of each project arm with torch.profiler, after its timed steps, "
                          "and report its GPU time by kernel family and the GPU's idle time by trainer phase "
                          "(bench/kernel_breakdown.py)")
+    ap.add_argument("--kernel-profile-stack", action="store_true",
+                    help="with --kernel-profile: record Python frames too, so the host time the GPU waited for is "
+                         "named down to the Python function (slows the traced steps' host a lot: read where, not "
+                         "how much)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -495,6 +500,8 @@ def main() -> int:
         ap.error("--num-processes must be >= 1")
     if args.kernel_profile < 0:
         ap.error("--kernel-profile must be >= 0 (the number of steps to trace)")
+    if args.kernel_profile_stack and not args.kernel_profile:
+        ap.error("--kernel-profile-stack needs --kernel-profile N")
     try:
         peer_arms = peer_mod.parse_peers(args.peers)
         peer_sites = peer_mod.parse_peer_sites(args.peer_site, args.peer_kit)
@@ -543,7 +550,7 @@ def main() -> int:
     for i, spec in enumerate(specs):
         spec.update(model=str(ckpt), train_file=str(data), output_dir=str(work / f"run{i}"),
                     cache_dir=str(work / "tokcache"), warmup=args.warmup, steps=args.steps, lr=args.lr,
-                    kernel_profile_steps=args.kernel_profile,
+                    kernel_profile_steps=args.kernel_profile, kernel_profile_stack=args.kernel_profile_stack,
                     val_file=str(val_data) if val_data and spec["name"] != "baseline" else None,
                     eval_steps=args.eval_steps, result_file=str(work / f"result{i}.json"))
         cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
