@@ -58,6 +58,7 @@ scaling over the single process (ideal = N), and every GPU's peak memory.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -67,6 +68,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -151,6 +153,25 @@ def write_synthetic_jsonl(path: Path, tokenizer, n: int, seed: int, pattern: str
 
 
 # --------------------------------------------------------------------------------------- children
+def full_collection_cost() -> dict[str, Any]:
+    """How long one full garbage collection takes now, with the heap as the trainer keeps it (frozen after its
+    first step) and with nothing frozen (what every full collection cost before): ms, and the objects walked."""
+    frozen = gc.get_freeze_count()
+    t0 = time.perf_counter()
+    gc.collect()
+    as_kept = (time.perf_counter() - t0) * 1e3
+    walked_as_kept = len(gc.get_objects())
+    gc.unfreeze()
+    t0 = time.perf_counter()
+    gc.collect()
+    unfrozen = (time.perf_counter() - t0) * 1e3
+    walked_unfrozen = len(gc.get_objects())
+    if frozen:
+        gc.freeze()  # as the trainer had it
+    return {"frozen_objects": frozen, "full_collection_ms": round(as_kept, 1), "objects_walked": walked_as_kept,
+            "full_collection_ms_unfrozen": round(unfrozen, 1), "objects_walked_unfrozen": walked_unfrozen}
+
+
 def run_variant(spec: dict) -> dict:
     """One profile of the project's own Trainer, timed by a callback on its real loop."""
     from hai_medqa.train.config import TrainConfig
@@ -177,6 +198,20 @@ def run_variant(spec: dict) -> dict:
     profiler = StepProfiler(spec["warmup"] + spec["steps"], spec.get("kernel_profile_steps", 0), cuda=CUDA,
                             with_stack=spec.get("kernel_profile_stack", False))
 
+    # Garbage collections during the timed steps: a full one walks every live Python object while the host
+    # launches nothing (hai_medqa/train/runtime.py: freeze_python_heap); each pause is recorded here.
+    gc_pauses: list[tuple[int, float]] = []  # (generation, ms)
+    gc_state: dict[str, Any] = {"timing": False, "start": 0.0}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_state["start"] = time.perf_counter()
+        elif gc_state["timing"]:
+            gc_pauses.append((info["generation"], (time.perf_counter() - gc_state["start"]) * 1e3))
+
+    gc.callbacks.append(on_gc)
+    gc_cost: dict[str, Any] = {}
+
     def on_step(trainer, rec):
         _sync()
         now = time.perf_counter()
@@ -184,7 +219,12 @@ def run_variant(spec: dict) -> dict:
         t_mark["last"] = now
         if rec["step"] == spec["warmup"]:
             _reset_peak()
+            gc_state["timing"] = True
         records.append(rec)
+        if rec["step"] == spec["warmup"] + spec["steps"]:
+            gc_state["timing"] = False
+            gc_cost.update(full_collection_cost())  # after the timed steps: its time is charged to none of them
+            t_mark["last"] = time.perf_counter()
         profiler.on_step(rec["step"])
 
     trainer = Trainer(cfg, explicit, callbacks=[on_step])
@@ -245,6 +285,10 @@ def run_variant(spec: dict) -> dict:
         "eval_peak_reserved_gib": max((e["peak_reserved_after_gib"] for e in evals), default=None),
         "losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
         "batch_digests": [r.get("batch_digest") for r in records],  # which samples each step trained on
+        "step_walls_s": [round(r["wall"], 4) for r in timed],  # a pause shows as one slow step
+        "gc": {**gc_cost, "collections_in_timed_steps": {g: sum(1 for gen, _ in gc_pauses if gen == g) for g in (0, 1, 2)},
+               "pause_ms_total": round(sum(ms for _, ms in gc_pauses), 1),
+               "pause_ms_max": round(max((ms for _, ms in gc_pauses), default=0.0), 1)},
         "compile": trainer.compile_stats(),  # compile_layers: graphs, recompiles, graph breaks (else None)
         "kernel_breakdown": profiler.result}  # --kernel-profile (bench/kernel_breakdown.py), else None
 

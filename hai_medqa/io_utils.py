@@ -83,6 +83,33 @@ def _release_lock(fd: int | None) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, *, waiting: str) -> Iterator[None]:
+    """Hold an exclusive flock on the file `path` (created if missing) for the block; when another process
+    holds it, log `waiting` once and wait. Serialises work on a shared target, e.g. two runs converting
+    the same checkpoint into one cache at once (the second then finds the first's result and reuses it).
+    Without flock (Windows, some network file systems) the block runs unlocked, as before."""
+    fd = None
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _HELD_LOCKS.add(fd)
+            except BlockingIOError:
+                logger.info(waiting)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                _HELD_LOCKS.add(fd)
+            except OSError:  # a file system without flock
+                os.close(fd)
+                fd = None
+        yield
+    finally:
+        _release_lock(fd)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -31,7 +31,7 @@ from typing import Any
 from loguru import logger
 from tqdm import tqdm
 
-from hai_medqa.io_utils import atomic_dir, sha256_text, write_json
+from hai_medqa.io_utils import atomic_dir, exclusive_lock, sha256_text, write_json
 from hai_medqa.model.exaone_layout import (
     DEFAULT_EXAONE_CODE_REPO,
     EXAONE_MODEL_TYPE,
@@ -441,11 +441,17 @@ def ensure_llama_checkpoint(path: str | Path, *, source_id: str | None = None, n
     key = source_id or local_source_identity(folder)
     digest = sha256_text(f"v{CONVERTER_VERSION}\n{key}")[:16]
     target = (Path(cache_dir).expanduser() if cache_dir else cache_root()) / f"{_slug(name or folder.name)}-{digest}"
-    if (target / RECORD_FILE).is_file() and (target / "config.json").is_file():
-        logger.info(f"using cached Llama-layout conversion {target}")
-        return target
-    logger.info(f"converting EXAONE checkpoint {folder} to Llama layout (cached at {target})")
-    return convert_exaone_to_llama(folder, target, overwrite=True, source_id=key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One conversion per target at a time: two runs started together (or side by side on two GPUs) would
+    # otherwise both convert, and the later one's rename would fail on, or replace, the folder the earlier
+    # one is already loading. The second waits, then finds the first's result.
+    with exclusive_lock(target.parent / f".{target.name}.lock",
+                        waiting=f"waiting for another process converting into {target}"):
+        if (target / RECORD_FILE).is_file() and (target / "config.json").is_file():
+            logger.info(f"using cached Llama-layout conversion {target}")
+            return target
+        logger.info(f"converting EXAONE checkpoint {folder} to Llama layout (cached at {target})")
+        return convert_exaone_to_llama(folder, target, overwrite=True, source_id=key)
 
 
 def _main(argv: list[str] | None = None) -> int:

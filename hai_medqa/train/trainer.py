@@ -18,6 +18,7 @@ only rank 0 logs, writes checkpoints and adapters.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -59,7 +60,7 @@ from hai_medqa.train.packing import (
     plan_epoch,
 )
 from hai_medqa.train.run_record import RunRecord
-from hai_medqa.train.runtime import detect_runtime
+from hai_medqa.train.runtime import detect_runtime, freeze_python_heap, thaw_python_heap
 from hai_medqa.train.sft_data import TokenizedDataset, check_sft_file, load_tokenized
 from hai_medqa.train.signals import EXIT_INTERRUPTED, StopSignals
 
@@ -114,7 +115,9 @@ class Trainer:
                          total_steps=self.total_steps)
         try:
             with StopSignals() as stop:
+                frozen_before = gc.get_freeze_count()
                 try:
+                    freeze_python_heap("before the first step")
                     status = self._loop(stop)
                 except KeyboardInterrupt as e:  # a second Ctrl-C after the first signal: no checkpoint now
                     if stop.received is not None:
@@ -123,6 +126,8 @@ class Trainer:
                                    f"{self.state.global_step + 1} without saving it; "
                                    + (f"the last checkpoint is {last[-1]}" if last else "no checkpoint was saved"))
                     raise
+                finally:
+                    thaw_python_heap(frozen_before)
         except NonFiniteLossError as e:
             last = list_checkpoints(self.out)
             where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved before it"
@@ -157,8 +162,10 @@ class Trainer:
                 next_mbs = steps[nxt] if nxt < len(steps) and st.global_step + 1 < self.total_steps else None
                 t0 = time.perf_counter()
                 stats, ready = self._step(step_mbs, ready, next_mbs)  # step: this process's share, one update
-                if st.global_step == self._session_start_step and self.built.compiled_layers:
-                    compile_regions.log_compile_stats(self.compile_stats(), when="after the first step")
+                if st.global_step == self._session_start_step:
+                    if self.built.compiled_layers:
+                        compile_regions.log_compile_stats(self.compile_stats(), when="after the first step")
+                    freeze_python_heap("after the first step")  # with what compiling the layers made
                 with record_function("hai/log"):
                     rec = self._advance(step_mbs, stats, time.perf_counter() - t0, len(steps))
                     self.record.log_step(rec, stats, total_steps=self.total_steps, logging_steps=cfg.logging_steps)

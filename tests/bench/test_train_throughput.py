@@ -24,3 +24,20 @@ def test_project_arms_train_at_a_constant_learning_rate_like_the_peers(tmp_path,
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     lrs = [r["lr"] for r in rows if "loss" in r]
     assert len(lrs) == 4 and all(lr == 1e-3 for lr in lrs), lrs
+
+
+def test_arms_report_garbage_collection_pauses_and_what_freezing_the_heap_saves(tmp_path, bench_module, tiny_exaone_dir,
+                                                                               sample_jsonl):
+    """Each arm reports the collections during its timed steps, its per-step walls (a pause shows as one slow
+    step) and one full collection's cost as the trainer keeps the heap (frozen) and unfrozen: frozen, the
+    collector must walk fewer objects."""
+    sys.path.insert(0, str(REPO / "bench"))
+    bench = bench_module("train_throughput")
+    spec = {"name": "plain", "profile": "plain", "overrides": {"tokens_per_micro_batch": 1024},
+            "model": str(tiny_exaone_dir), "train_file": str(sample_jsonl["train"]), "output_dir": str(tmp_path / "run"),
+            "cache_dir": str(tmp_path / "cache"), "warmup": 1, "steps": 2, "lr": 1e-3}
+    arm = bench.run_variant(spec)
+    assert len(arm["step_walls_s"]) == 2 and all(w > 0 for w in arm["step_walls_s"])
+    g = arm["gc"]
+    assert g["frozen_objects"] > 0 and g["objects_walked"] < g["objects_walked_unfrozen"]
+    assert set(g["collections_in_timed_steps"]) == {0, 1, 2} and g["pause_ms_max"] <= g["pause_ms_total"] + 1e-9

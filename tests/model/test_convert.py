@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,46 @@ def test_conversion_is_cached_by_source_identity(tiny_exaone_dir, tmp_path, monk
     # an explicit source id (Hub repo@commit) is the key
     a = ensure_llama_checkpoint(src, cache_dir=cache, source_id="hub:x/y@" + "a" * 40, name="x--y")
     assert a.name.startswith("x--y-") and calls == [1, 1]
+
+
+def test_two_runs_converting_one_checkpoint_at_once_convert_it_once(tiny_exaone_dir, tmp_path, monkeypatch):
+    """Two runs started together on one cache (side by side on two GPUs): the second must wait for the first's
+    conversion and reuse it, not convert again and rename over the folder the first is loading (seen on the
+    H200s: 'Directory not empty' on the second rename). The first is a real process paused just before its
+    rename; this one must neither convert nor fail, and must return the folder the first made."""
+    import subprocess
+    import sys
+    import time
+
+    from hai_medqa.io_utils import FAULT_FILE_ENV, FAULT_PAUSE_ENV, FAULT_POINT_ENV
+
+    src, cache, announce = tmp_path / "src", tmp_path / "cache", tmp_path / "paused"
+    shutil.copytree(tiny_exaone_dir, src)
+    env = dict(os.environ, **{FAULT_FILE_ENV: str(announce), FAULT_PAUSE_ENV: "3"})
+    code = ("import sys; from hai_medqa.model.convert import ensure_llama_checkpoint; "
+            "print(ensure_llama_checkpoint(sys.argv[1], cache_dir=sys.argv[2]))")
+    # the point's name holds the target folder's name, known once the key is: ask for it without converting
+    calls = []
+    monkeypatch.setattr(convert_mod, "convert_exaone_to_llama", lambda f, t, **k: calls.append(t) or t)
+    target_name = ensure_llama_checkpoint(src, cache_dir=cache).name
+    monkeypatch.undo()
+    shutil.rmtree(cache, ignore_errors=True)
+    env[FAULT_POINT_ENV] = f"before_rename:{target_name}"
+    first = subprocess.Popen([sys.executable, "-c", code, str(src), str(cache)], env=env, stdout=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 60
+    while not announce.exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first run never reached its rename"
+        time.sleep(0.05)
+    converted = []
+    real = convert_mod.convert_exaone_to_llama
+    monkeypatch.setattr(convert_mod, "convert_exaone_to_llama",
+                        lambda *a, **k: converted.append(1) or real(*a, **k))
+    second = ensure_llama_checkpoint(src, cache_dir=cache)
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode == 0
+    assert converted == [], "the second run converted again instead of waiting for the first"
+    assert Path(out.strip().splitlines()[-1]) == second and (second / RECORD_FILE).is_file()
 
 
 def test_killed_conversion_leaves_nothing(tiny_exaone_dir, tmp_path, monkeypatch):

@@ -225,3 +225,44 @@ def test_early_stopping_keeps_best_and_last_adapters(make_cfg, sample_jsonl, tmp
     last = json.loads((out / "adapter_last" / "hai_medqa_training.json").read_text(encoding="utf-8"))
     assert (best["step"], last["step"]) == (2, 6)
     assert best["val_loss"] == pytest.approx(summary["best_val_loss"])
+
+
+def test_python_heap_is_frozen_while_training_and_thawed_after_every_way_out(make_cfg, tmp_path, monkeypatch):
+    """Full garbage collections walk every live object while the GPU waits for the host; the trainer freezes the
+    heap (gc.freeze) for its loop, including what the first step made (compiled graphs on a GPU), and thaws it
+    when the loop ends however it ends, so a process that goes on can collect the trainer's cycles later."""
+    import gc
+
+    from hai_medqa.train import trainer as trainer_module
+
+    assert gc.get_freeze_count() == 0
+    freezes = []
+    real_freeze = trainer_module.freeze_python_heap
+    monkeypatch.setattr(trainer_module, "freeze_python_heap", lambda when: freezes.append(when) or real_freeze(when))
+    counts = []
+    trainer = Trainer(*make_cfg(tmp_path / "ok", max_steps=3))
+    trainer.setup()
+    trainer.callbacks.append(lambda tr, rec: counts.append(gc.get_freeze_count()))
+    trainer.train()
+    assert len(counts) == 3 and all(n > 0 for n in counts), counts
+    assert freezes == ["before the first step", "after the first step"]  # again with what step 1 made
+    assert gc.get_freeze_count() == 0, "the heap stayed frozen after training"
+
+    # a loop that ends in an error thaws too
+    trainer = Trainer(*make_cfg(tmp_path / "nan", max_steps=3))
+    trainer.setup()
+    trainer.callbacks.append(lambda tr, rec: tr.peft_model.get_input_embeddings().register_forward_hook(
+        lambda m, i, o: o * float("nan")))
+    with pytest.raises(TrainingError):
+        trainer.train()
+    assert gc.get_freeze_count() == 0
+
+    # a process that froze objects itself keeps its freeze
+    gc.freeze()
+    try:
+        trainer = Trainer(*make_cfg(tmp_path / "own", max_steps=1))
+        trainer.setup()
+        trainer.train()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
