@@ -1,7 +1,8 @@
 #!/bin/bash
-# Session-8 final GPU job (nvidia-h200-x2), issue 17, ~12 device minutes. Code: job10's, plus the Python heap frozen for
-# the training loop (hai_medqa/train/runtime.py: freeze_python_heap) and the bench's garbage-collection record.
-# Launch as job10.sh (its header) with this file's name; poll with session 7's poll9.sh.
+# Session-8 GPU job (nvidia-h200-x2), issue 17, ~12 device minutes. It was meant to carry the Python heap freeze
+# (hai_medqa/train/runtime.py) and the bench's garbage-collection record, but those were committed after its snapshot
+# (7fa4315) was taken: it ran job10's code (228b573). Launch as job10.sh (its header) with this file's name; poll with
+# session 7's poll9.sh.
 set -u
 S=/dev/shm/snap; R=/dev/shm/res; mkdir -p $R
 cd $S/tree
