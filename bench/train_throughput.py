@@ -250,15 +250,23 @@ def run_variant(spec: dict) -> dict:
     trainer.save_adapter = timed_apart(trainer.save_adapter, "save_adapter")
     t_mark["last"] = time.perf_counter()
     trainer.train()
-    peaks = [_peaks()]
-    if trainer.world_size > 1:  # every GPU's peak, gathered to rank 0 (records are global on every rank)
+    timed = [r for r in records if spec["warmup"] < r["step"] <= spec["warmup"] + spec["steps"]]
+    # What each process saw itself: its GPU's peak, its step walls (a pause on one rank stalls all at the next
+    # all-reduce, but only that rank's record shows where) and its garbage collections.
+    mine = {"peaks": _peaks(), "step_walls_s": [round(r["wall"], 4) for r in timed],
+            "gc": {**gc_cost, "collections_in_timed_steps": {g: sum(1 for gen, _ in gc_pauses if gen == g)
+                                                             for g in (0, 1, 2)},
+                   "pause_ms_total": round(sum(ms for _, ms in gc_pauses), 1),
+                   "pause_ms_max": round(max((ms for _, ms in gc_pauses), default=0.0), 1)}}
+    ranks = [mine]
+    if trainer.world_size > 1:  # gathered to rank 0 (the step records are global on every rank)
         import torch.distributed as dist
 
-        peaks = [None] * trainer.world_size
-        dist.all_gather_object(peaks, _peaks())
+        ranks = [None] * trainer.world_size
+        dist.all_gather_object(ranks, mine)
     if not trainer.is_main:
         return None
-    timed = [r for r in records if spec["warmup"] < r["step"] <= spec["warmup"] + spec["steps"]]
+    peaks = [r["peaks"] for r in ranks]
     wall = sum(r["wall"] for r in timed)  # includes collation and logging: what users get
     tokens = sum(r["tokens"] for r in timed)
     return {"name": spec["name"], "profile": trainer.profile_used, "config": {
@@ -285,10 +293,8 @@ def run_variant(spec: dict) -> dict:
         "eval_peak_reserved_gib": max((e["peak_reserved_after_gib"] for e in evals), default=None),
         "losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
         "batch_digests": [r.get("batch_digest") for r in records],  # which samples each step trained on
-        "step_walls_s": [round(r["wall"], 4) for r in timed],  # a pause shows as one slow step
-        "gc": {**gc_cost, "collections_in_timed_steps": {g: sum(1 for gen, _ in gc_pauses if gen == g) for g in (0, 1, 2)},
-               "pause_ms_total": round(sum(ms for _, ms in gc_pauses), 1),
-               "pause_ms_max": round(max((ms for _, ms in gc_pauses), default=0.0), 1)},
+        "step_walls_s": mine["step_walls_s"], "gc": mine["gc"],  # rank 0's; a pause shows as one slow step
+        "per_rank_step_walls_s": [r["step_walls_s"] for r in ranks], "per_rank_gc": [r["gc"] for r in ranks],
         "compile": trainer.compile_stats(),  # compile_layers: graphs, recompiles, graph breaks (else None)
         "kernel_breakdown": profiler.result}  # --kernel-profile (bench/kernel_breakdown.py), else None
 
@@ -720,6 +726,10 @@ def main() -> int:
             print(f"{'':<4}{r['num_processes']} processes: {r['real_tokens_per_s_per_gpu']:,.0f} tok/s per GPU"
                   + (f", {scaling:.2f}x the 1-process run" if scaling else "") + "; peak per GPU (alloc/reserved) "
                   + ", ".join(f"{p['peak_allocated_gib']:.1f}/{p['peak_reserved_gib']:.1f}G" for p in r["per_gpu_peaks"]))
+        if r.get("per_rank_step_walls_s"):  # a stall: one slow step (on which rank, and was it a collection?)
+            print(f"{'':<4}step wall median/max per process: " + ", ".join(
+                f"{sorted(w)[len(w) // 2]:.3f}/{max(w):.3f} s (longest collection {g.get('pause_ms_max', 0):.0f} ms)"
+                for w, g in zip(r["per_rank_step_walls_s"], r["per_rank_gc"], strict=True) if w))
         if r.get("loss_parity"):
             lp = r["loss_parity"]
             print(f"{'':<4}loss vs {lp['reference']} over {lp['steps']} steps: mean {lp['mean_rel_diff']:.2%}, max "

@@ -38,6 +38,7 @@ def test_arms_report_garbage_collection_pauses_and_what_freezing_the_heap_saves(
             "cache_dir": str(tmp_path / "cache"), "warmup": 1, "steps": 2, "lr": 1e-3}
     arm = bench.run_variant(spec)
     assert len(arm["step_walls_s"]) == 2 and all(w > 0 for w in arm["step_walls_s"])
+    assert arm["per_rank_step_walls_s"] == [arm["step_walls_s"]] and arm["per_rank_gc"] == [arm["gc"]]  # one process
     g = arm["gc"]
     assert g["frozen_objects"] > 0 and g["objects_walked"] < g["objects_walked_unfrozen"]
     assert set(g["collections_in_timed_steps"]) == {0, 1, 2} and g["pause_ms_max"] <= g["pause_ms_total"] + 1e-9

@@ -1,0 +1,21 @@
+#!/bin/bash
+# PREPARED, NOT RUN: the next nvidia-h200-x2 job (issue 17), ~16 device minutes. Launch as job10.sh (its header) with this
+# file's name; poll with session 7's poll9.sh (results come back at every poll). Most important first.
+set -u
+S=/dev/shm/snap; R=/dev/shm/res; mkdir -p $R
+cd $S/tree
+mark() { echo "$(date +%T) $*" >> $R/STAGES; }
+python3 bench/peer_wheels.py unpack --from $S/carry --to /tmp/kit > $R/unpack.log 2>&1 || { mark FAIL unpack; exit 1; }
+export PYTHONPATH=/tmp/kit/site_main:/tmp/kit/site_common:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
+mark begin
+# 1. DDP >= 1.9x with the heap frozen (b887a31), one-GPU references in the same invocation, 12 timed steps: every rank's
+#    step walls and garbage collections (per_rank_step_walls_s, per_rank_gc) say which rank stalled and whether the
+#    collector did it. Session 8: 1.77-1.83x (fast) and 1.56-1.93x (lean) with the same code, before the freeze.
+python3 bench/train_throughput.py --shape 7.8b --variants "fast;lean" --num-processes 2 --warmup 3 --steps 12 \
+   --workdir /tmp/hb --out $R/tt78_ddp.json > $R/tt78_ddp.log 2>&1; mark ddp rc=$?
+# 2. The peers again (the ratios move by several per cent between invocations: lean 1.17x in job 11, 1.22x in job 9), with
+#    fast:dequantize_cache=true (NF4 dequantisation is 19 ms of fast's 482 ms of kernel time; 1.25x needs ~10 ms).
+python3 bench/train_throughput.py --shape 7.8b --variants "fast;lean;fast:base_precision=fp8;fast:dequantize_cache=true" \
+   --peers trl:flex,unsloth --peer-kit /tmp/kit --gpus 0,1 --warmup 3 --steps 10 --kernel-profile 3 --workdir /tmp/hb \
+   --out $R/tt78_peers.json > $R/tt78_peers.log 2>&1; mark peers rc=$?
+mark DONE
