@@ -1,13 +1,7 @@
 #!/bin/bash
 # PREPARED, NOT RUN: the next nvidia-h200-x2 job (issue 17), ~16 device minutes. Launch as job10.sh (its header) with this
 # file's name; poll with session 7's poll9.sh (results come back at every poll). Most important first.
-set -u
-S=/dev/shm/snap; R=/dev/shm/res; mkdir -p $R
-cd $S/tree
-mark() { echo "$(date +%T) $*" >> $R/STAGES; }
-python3 bench/peer_wheels.py unpack --from $S/carry --to /tmp/kit > $R/unpack.log 2>&1 || { mark FAIL unpack; exit 1; }
-export PYTHONPATH=/tmp/kit/site_main:/tmp/kit/site_common:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
-mark begin
+source /dev/shm/snap/tree/bench/gpu_job_preamble.sh
 # 1. DDP >= 1.9x with the heap frozen (b887a31), one-GPU references in the same invocation, 12 timed steps: every rank's
 #    step walls and garbage collections (per_rank_step_walls_s, per_rank_gc) say which rank stalled and whether the
 #    collector did it. Session 8: 1.77-1.83x (fast) and 1.56-1.93x (lean) with the same code, before the freeze.
