@@ -236,7 +236,8 @@ def own_time_pieces(events: list[tuple[str, float, float, list[tuple[float, floa
 def host_own_time(prof) -> list[tuple[str, float, float]]:
     """`own_time_pieces` of every host event of a finished trace (phases, operators, Python frames) on the
     threads that ran a torch operator (the trainer's and autograd's): a thread only waiting (a progress bar's
-    monitor) would otherwise be charged its whole sleep."""
+    monitor) would otherwise be charged its whole sleep. Threads run at once (the backward's main thread waits
+    while autograd's works), so charged to idle time these pieces can add up to more than the idle time."""
     from torch.autograd import DeviceType
 
     events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
