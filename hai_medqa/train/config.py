@@ -97,9 +97,11 @@ class TrainConfig:
     """Dropout on the LoRA input, in [0, 1)."""
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
     """Llama-layout projections that get LoRA (default: all seven of every layer)."""
-    lora_kernel: Literal["fused", "peft"] = "fused"
+    lora_kernel: Literal["fused", "fused_nf4", "peft"] = "fused"
     """fused: the project's LoRA forward (same maths as PEFT's, bf16 compute from fp32 master weights,
-    scale and add in one GEMM; hai_medqa/train/fast_lora.py); peft: PEFT's own forward."""
+    scale and add in one GEMM; hai_medqa/train/fast_lora.py); fused_nf4 (opt-in, not yet measured on a
+    GPU): the same, with the LoRA term added into an NF4 base layer's output in place instead of into a
+    copy of it; peft: PEFT's own forward."""
     dequantize_cache: bool = False
     """Keep a compute-dtype copy of every frozen NF4 weight, dequantised once (exactly the QLoRA
     forward, no per-step dequantisation; +2 bytes per base parameter of GPU memory)."""

@@ -106,8 +106,8 @@ def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resum
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    if cfg.lora_kernel == "fused":
-        fast_lora.fuse_lora_forward(model)
+    if cfg.lora_kernel in ("fused", "fused_nf4"):
+        fast_lora.fuse_lora_forward(model, nf4_in_place=cfg.lora_kernel == "fused_nf4")
     if fp8:  # after LoRA (which takes its dtype from a bf16 base) and the fused forward (which wraps nn.Linear)
         fp8_base.convert_base_to_fp8(model, device, impl="scaled_mm")
         model.to(device)

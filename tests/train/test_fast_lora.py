@@ -103,3 +103,60 @@ def test_dequantized_cache_is_the_nf4_forward(tiny_llama_dir, batch):
     w_cached = model.base_model.model.model.layers[0].mlp.up_proj.base_layer._hai_dequantized.weight
     assert w_cached.shape == w_full.shape
     assert 0 < (w_cached - w_full).abs().max() < 0.2 * w_full.abs().max()
+
+
+def test_nf4_in_place_kernel_is_the_fused_forward_without_the_output_copy(tiny_llama_dir, batch):
+    """lora_kernel: fused_nf4 adds the LoRA term into bitsandbytes' own NF4 output instead of into a copy of it.
+    Its forward must be the fused forward bit for bit (the same gemm_4bit and the same addmm, only in place), its
+    gradients the same products (summed in another order at most), and it must really run: every projection
+    through the custom operator, none through the copying addmm."""
+    from hai_medqa.train import fast_lora
+
+    model = _peft_model(tiny_llama_dir)
+    model.train()
+    n = 7 * model.config.num_hidden_layers
+    assert fuse_lora_forward(model) == n
+    loss_ref, logits_ref, grads_ref = _loss_and_grads(model, batch)
+    assert unfuse_lora_forward(model) == n and fuse_lora_forward(model, nf4_in_place=True) == n
+    calls = []
+    real_op = fast_lora.nf4_lora_linear
+    fast_lora.nf4_lora_linear = lambda *a: calls.append(1) or real_op(*a)
+    try:
+        loss, logits, grads = _loss_and_grads(model, batch)
+    finally:
+        fast_lora.nf4_lora_linear = real_op
+    assert len(calls) == n
+    assert torch.equal(logits, logits_ref) and torch.equal(loss, loss_ref)
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads.items():
+        assert torch.allclose(g, grads_ref[name], atol=1e-6, rtol=1e-5), name
+    # evaluation (no autograd) goes through the copying path: gemm_4bit's inference route is bitsandbytes' own
+    with torch.no_grad():
+        calls.clear()
+        fast_lora.nf4_lora_linear = lambda *a: calls.append(1) or real_op(*a)
+        try:
+            eval_logits = model(**batch, use_cache=False).logits
+        finally:
+            fast_lora.nf4_lora_linear = real_op
+    assert calls == [] and torch.equal(eval_logits, logits_ref)
+
+
+def test_nf4_in_place_kernel_compiles_without_graph_breaks(tiny_llama_dir, batch):
+    """Inside torch.compile the operator is one opaque node with its own backward (no graph break, no copy of
+    the base output): the compiled step gives the eager step's loss."""
+    model = _peft_model(tiny_llama_dir)
+    model.train()
+    fuse_lora_forward(model, nf4_in_place=True)
+    loss_ref, _, _ = _loss_and_grads(model, batch)
+    layer = model.base_model.model.model.layers[0]
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer.mlp)(torch.randn(2, 24, model.config.hidden_size, requires_grad=True))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    layer.mlp.compile(backend="aot_eager", fullgraph=True)
+    try:
+        loss, _, grads = _loss_and_grads(model, batch)
+    finally:
+        torch._dynamo.reset()
+    assert torch.allclose(loss, loss_ref, atol=1e-6) and all(torch.isfinite(g).all() for g in grads.values())

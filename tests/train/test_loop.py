@@ -266,3 +266,19 @@ def test_python_heap_is_frozen_while_training_and_thawed_after_every_way_out(mak
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_nf4_in_place_lora_kernel_trains_like_the_fused_one(make_cfg, tmp_path):
+    """`lora_kernel: fused_nf4` through the whole trainer (config -> model build -> steps): the first step's loss
+    is the fused kernel's bit for bit (same forward), the later ones agree to rounding (gradients summed in
+    another order), and the adapter saves in the same format."""
+    fused = run_training(*make_cfg(tmp_path / "fused", max_steps=3, lora_dropout=0.0))
+    nf4 = run_training(*make_cfg(tmp_path / "nf4", max_steps=3, lora_dropout=0.0, lora_kernel="fused_nf4"))
+    a = [r for r in metrics(tmp_path / "fused") if "loss" in r]
+    b = [r for r in metrics(tmp_path / "nf4") if "loss" in r]
+    assert fused["status"] == nf4["status"] == "completed" and len(a) == len(b) == 3
+    assert a[0]["loss"] == b[0]["loss"]
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-4 * abs(x["loss"]), (x["loss"], y["loss"])
+    assert sorted(load_file(str(tmp_path / "nf4" / "adapter_last" / "adapter_model.safetensors"))) == sorted(
+        load_file(str(tmp_path / "fused" / "adapter_last" / "adapter_model.safetensors")))

@@ -1,5 +1,5 @@
 #!/bin/bash
-# PREPARED, NOT RUN: the next nvidia-h200-x2 job (issue 17), ~16 device minutes. Launch as job10.sh (its header) with this
+# PREPARED, NOT RUN: the next nvidia-h200-x2 job (issue 17), ~19 device minutes. Launch as job10.sh (its header) with this
 # file's name; poll with session 7's poll9.sh (results come back at every poll). Most important first.
 source /dev/shm/snap/tree/bench/gpu_job_preamble.sh
 # 1. DDP >= 1.9x with the heap frozen (b887a31), one-GPU references in the same invocation, 12 timed steps: every rank's
@@ -8,8 +8,11 @@ source /dev/shm/snap/tree/bench/gpu_job_preamble.sh
 python3 bench/train_throughput.py --shape 7.8b --variants "fast;lean" --num-processes 2 --warmup 3 --steps 12 \
    --workdir /tmp/hb --out $R/tt78_ddp.json > $R/tt78_ddp.log 2>&1; mark ddp rc=$?
 # 2. The peers again (the ratios move by several per cent between invocations: lean 1.17x in job 11, 1.22x in job 9), with
-#    fast:dequantize_cache=true (NF4 dequantisation is 19 ms of fast's 482 ms of kernel time; 1.25x needs ~10 ms).
-python3 bench/train_throughput.py --shape 7.8b --variants "fast;lean;fast:base_precision=fp8;fast:dequantize_cache=true" \
+#    lora_kernel=fused_nf4 (the LoRA term added into bitsandbytes' NF4 output in place: no 21 GiB output copy per forward,
+#    the 10.5 ms of device-to-device copies in fast's step, 20.8 in lean's; 1.25x needs ~10 ms) and
+#    fast:dequantize_cache=true (NF4 dequantisation: 19 ms of fast's 482 ms of kernel time).
+python3 bench/train_throughput.py --shape 7.8b \
+   --variants "fast;lean;fast:lora_kernel=fused_nf4;lean:lora_kernel=fused_nf4;fast:base_precision=fp8;fast:dequantize_cache=true" \
    --peers trl:flex,unsloth --peer-kit /tmp/kit --gpus 0,1 --warmup 3 --steps 10 --kernel-profile 3 --workdir /tmp/hb \
    --out $R/tt78_peers.json > $R/tt78_peers.log 2>&1; mark peers rc=$?
 mark DONE
