@@ -20,13 +20,14 @@ LoRA bias) falls back to PEFT's own forward.
 `lora_kernel: fused_nf4` (opt-in) goes one step further for NF4 base layers: the base product and the
 LoRA addition run inside one custom operator (`nf4_lora_linear`), which adds the LoRA term into the base
 output in place. The `addmm` above cannot: it writes a new tensor, so it first copies the whole base output
-into it: a device-to-device copy of tokens x out_features per projection. At the 7.8B shape with 8,192
+into it, a device-to-device copy of tokens x out_features per projection. At the 7.8B shape with 8,192
 tokens that is 43,008 output features x 8,192 x 2 bytes x 32 layers = 21 GiB per forward (computed), about
-what the H200 profiles measured as device-to-device copies: 10.5 ms per step for `fast`, 20.8 ms for `lean`,
-which runs the forward twice. torch.compile keeps that copy too (inductor calls addmm with a new output). Inside an operator the compiler treats as opaque, the
-addition accumulates into the tensor bitsandbytes just made. The forward is the same arithmetic (bitwise,
-tested); the backward computes the same products as bitsandbytes' and autograd's formulas, but the input
-gradient's contributions may be summed in another order (tested to rounding).
+what the H200 profiles measured as device-to-device copies: 10.5 ms per step for `fast`, 20.8 ms for
+`lean`, which runs the forward twice. torch.compile keeps that copy too (inductor calls addmm with a new
+output buffer). Inside an operator the compiler treats as opaque, the addition accumulates into the tensor
+bitsandbytes just made. The forward is the same arithmetic (bitwise, tested); the backward computes the
+same products as bitsandbytes' and autograd's formulas, but the input gradient's contributions may be
+summed in another order (tested to rounding).
 
 `cache_dequantized_weights` is the second, memory-for-speed option: every frozen NF4 weight is
 dequantised once to the compute dtype and kept, so forward, recomputation and backward stop
