@@ -249,7 +249,10 @@ def run_variant(spec: dict) -> dict:
     trainer.evaluate = timed_apart(trainer.evaluate, "evaluate")
     trainer.save_adapter = timed_apart(trainer.save_adapter, "save_adapter")
     t_mark["last"] = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        gc.callbacks.remove(on_gc)  # the tests call run_variant in their own process
     timed = [r for r in records if spec["warmup"] < r["step"] <= spec["warmup"] + spec["steps"]]
     # What each process saw itself: its GPU's peak, its step walls (a pause on one rank stalls all at the next
     # all-reduce, but only that rank's record shows where) and its garbage collections.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -36,7 +37,9 @@ def test_arms_report_garbage_collection_pauses_and_what_freezing_the_heap_saves(
     spec = {"name": "plain", "profile": "plain", "overrides": {"tokens_per_micro_batch": 1024},
             "model": str(tiny_exaone_dir), "train_file": str(sample_jsonl["train"]), "output_dir": str(tmp_path / "run"),
             "cache_dir": str(tmp_path / "cache"), "warmup": 1, "steps": 2, "lr": 1e-3}
+    callbacks_before = list(gc.callbacks)
     arm = bench.run_variant(spec)
+    assert gc.callbacks == callbacks_before  # its recorder is gone with the arm
     assert len(arm["step_walls_s"]) == 2 and all(w > 0 for w in arm["step_walls_s"])
     assert arm["per_rank_step_walls_s"] == [arm["step_walls_s"]] and arm["per_rank_gc"] == [arm["gc"]]  # one process
     g = arm["gc"]
