@@ -48,18 +48,30 @@ from loguru import logger
 _ORIGINAL_FORWARD = "_hai_peft_forward"
 
 
-def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def _plain_adapter(self: Any, kwargs: dict) -> str | None:
+    """The one active adapter's name when the layer is plain LoRA (no per-sample adapters, no DoRA or other
+    variant, no LoRA bias, not merged or disabled); None when PEFT's own forward must run."""
     active = self.active_adapters
     if (kwargs.get("adapter_names") is not None or self.disable_adapters or self.merged or len(active) != 1
             or active[0] not in self.lora_A or active[0] in getattr(self, "lora_variant", {})
             or getattr(self, "lora_bias", {}).get(active[0], False)):
-        return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
-    name = active[0]
-    result = self.base_layer(x, *args, **kwargs)
-    dtype = result.dtype
-    lora_a = self.lora_A[name].weight.to(dtype)  # small (r x in): casting the weight, not the activations
+        return None
+    return active[0]
+
+
+def _lora_input_and_b(self: Any, name: str, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dropout(x) @ A^T`` and B, in `dtype`: the small weights are cast, not the activations."""
+    lora_a = self.lora_A[name].weight.to(dtype)
     lora_b = self.lora_B[name].weight.to(dtype)
-    hidden = F.linear(self.lora_dropout[name](x).to(dtype), lora_a)
+    return F.linear(self.lora_dropout[name](x).to(dtype), lora_a), lora_b
+
+
+def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    name = _plain_adapter(self, kwargs)
+    if name is None:
+        return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    hidden, lora_b = _lora_input_and_b(self, name, x, result.dtype)
     out_features = result.shape[-1]
     fused = torch.addmm(result.reshape(-1, out_features), hidden.reshape(-1, hidden.shape[-1]), lora_b.t(),
                         alpha=self.scaling[name])
@@ -144,17 +156,11 @@ def _nf4_operands(base: Any, x: torch.Tensor) -> tuple | None:
 
 
 def _fused_nf4_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    active = self.active_adapters
-    operands = _nf4_operands(self.get_base_layer(), x)
-    if (operands is None or args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-            or active[0] not in self.lora_A or active[0] in getattr(self, "lora_variant", {})
-            or getattr(self, "lora_bias", {}).get(active[0], False) or not torch.is_grad_enabled()):
+    operands = None if args or kwargs or not torch.is_grad_enabled() else _nf4_operands(self.get_base_layer(), x)
+    name = None if operands is None else _plain_adapter(self, kwargs)
+    if name is None:
         return _fused_forward(self, x, *args, **kwargs)  # inference and anything unusual: the addmm path
-    name = active[0]
-    dtype = x.dtype
-    lora_a = self.lora_A[name].weight.to(dtype)
-    lora_b = self.lora_B[name].weight.to(dtype)
-    hidden = F.linear(self.lora_dropout[name](x).to(dtype), lora_a)
+    hidden, lora_b = _lora_input_and_b(self, name, x, x.dtype)
     return nf4_lora_linear(x, *operands, hidden, lora_b, float(self.scaling[name]))
 
 

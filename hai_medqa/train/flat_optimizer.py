@@ -122,6 +122,11 @@ class FlatOptimizer:
                 p.grad.zero_()
 
     # ---------------------------------------------------------------- checkpoints: the per-tensor format
+    @property
+    def _loner_offset(self) -> int:
+        """Index of the first loner among the inner optimizer's tensors (the flat tensor comes first)."""
+        return 0 if self.flat is None else 1
+
     def _member_part(self, value: Any, k: int, p: torch.Tensor, key: str = "") -> Any:
         """The part of a flat state value that belongs to member k (parameter p); nested dicts (bitsandbytes
         keeps its quantised states in one) part by part."""
@@ -161,14 +166,13 @@ class FlatOptimizer:
         if len(inner["param_groups"]) != 1:
             raise ValueError("FlatOptimizer supports one parameter group")
         state: dict[int, dict] = {}
-        flat_shift = 1 if self.flat is not None else 0
         if self.flat is not None and 0 in inner["state"]:
             flat_state = inner["state"][0]
             for k, i in enumerate(self.members):
                 state[i] = self._member_part(flat_state, k, self.params[i])
         for j, i in enumerate(self.loners):
-            if j + flat_shift in inner["state"]:
-                state[i] = inner["state"][j + flat_shift]
+            if j + self._loner_offset in inner["state"]:
+                state[i] = inner["state"][j + self._loner_offset]
         group = {k: v for k, v in inner["param_groups"][0].items() if k != "params"}
         return {"state": dict(sorted(state.items())), "param_groups": [{**group, "params": list(range(len(self.params)))}]}
 
@@ -186,11 +190,10 @@ class FlatOptimizer:
                 raise ValueError("optimizer state covers only some of the trained tensors")
             if all(have):
                 state[0] = self._merge([per[i] for i in self.members])
-        shift = 1 if self.flat is not None else 0
         for j, i in enumerate(self.loners):
             if i in per:
-                state[j + shift] = per[i]
-        n_inner = shift + len(self.loners)
+                state[j + self._loner_offset] = per[i]
+        n_inner = self._loner_offset + len(self.loners)
         group = {**sd["param_groups"][0], "params": list(range(n_inner))}
         self.inner.load_state_dict({"state": state, "param_groups": [group]})
         if self.flat is not None and getattr(self.inner, "is_paged", False) and self.flat.is_cuda and self.flat.numel() >= 1e5:
