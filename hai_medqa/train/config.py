@@ -99,9 +99,10 @@ class TrainConfig:
     """Llama-layout projections that get LoRA (default: all seven of every layer)."""
     lora_kernel: Literal["fused", "fused_nf4", "peft"] = "fused"
     """fused: the project's LoRA forward (same maths as PEFT's, bf16 compute from fp32 master weights,
-    scale and add in one GEMM; hai_medqa/train/fast_lora.py); fused_nf4 (opt-in, not yet measured on a
-    GPU): the same, with the LoRA term added into an NF4 base layer's output in place instead of into a
-    copy of it; peft: PEFT's own forward."""
+    scale and add in one GEMM; hai_medqa/train/fast_lora.py); fused_nf4: the same, with the LoRA term added
+    into an NF4 base layer's output in place instead of into a copy of it (the same forward bit for bit,
+    gradients to rounding); the default of ``fast`` and ``lean`` on a GPU (GPU_PROFILE_KEYS); layers it
+    cannot take (FP8, cached or FSDP-sharded weights, a bias, inference) run ``fused``; peft: PEFT's own forward."""
     dequantize_cache: bool = False
     """Keep a compute-dtype copy of every frozen NF4 weight, dequantised once (exactly the QLoRA
     forward, no per-step dequantisation; +2 bytes per base parameter of GPU memory)."""
@@ -291,9 +292,14 @@ PROFILES: dict[str, dict[str, Any]] = {
 #   tok/s in the same invocation, `lean` 9,853 (with offloading); 200-step loss within 0.82% / 0.94% (mean)
 #   of `plain` with its dropout off (session 6). ~20 s of compilation in the first steps; on a CPU inductor
 #   would only add that. FSDP turns it off again (FSDP_REQUIRED).
+# - `fast` and `lean` add the LoRA term into bitsandbytes' NF4 output in place (lora_kernel: fused_nf4), which
+#   drops a copy of every projection's output: device-to-device copies 12.2 -> 1.7 ms (fast) and 96.9 -> 75.9 ms
+#   (lean) per step, 15,938 -> 16,221 and 10,850 -> 11,113 tok/s in the same invocation; loss 0.74% (mean)
+#   from `fused`, closer than lean is to fast (H200, 2026-11-30; docs/performance.md, eighth session on two
+#   H200s). Measured on GPUs only.
 GPU_PROFILE_KEYS: dict[str, dict[str, Any]] = {
-    "lean": {"offload_activations": True, "compile_layers": True},
-    "fast": {"compile_layers": True},
+    "lean": {"offload_activations": True, "compile_layers": True, "lora_kernel": "fused_nf4"},
+    "fast": {"compile_layers": True, "lora_kernel": "fused_nf4"},
 }
 
 # Fast-profile activation memory per (layer x token x (hidden + intermediate)), in bytes: 8.1 measured
@@ -377,6 +383,7 @@ FSDP_REQUIRED: dict[str, Any] = {
     "dequantize_cache": False,  # a whole dequantised bf16 copy of the base on every process defeats the sharding
     "base_precision": "nf4",  # FP8 weights are not sharded (fp8_base.py swaps the projections for FP8 modules)
     "compile_layers": False,  # FSDP1 swaps the flattened base parameters under the layers at every unit's forward
+    "lora_kernel": "fused",  # fused_nf4 reads bitsandbytes' uint8 packing; FSDP stores it as floats (fast_lora.py)
 }
 
 
