@@ -8,6 +8,7 @@ configs/accelerate/fsdp_qlora.yaml``.
 from __future__ import annotations
 
 import gc
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,8 +79,9 @@ def freeze_python_heap(when: str) -> int:
     collection walks them all again while the host launches nothing, so the GPU waits; under DDP one rank's pause stalls every rank
     at the next all-reduce. Frozen objects are never walked again. Objects made later (each step's
     tensors and closures) are collected as before, so reference cycles formed during training are still
-    freed. The trainer freezes when its loop starts and again after the first step (the compiled graphs
-    are made there), and thaws when the loop ends, so a process that goes on (a notebook, the tests)
+    freed. The trainer freezes when its loop starts, again after the first step (the compiled graphs
+    are made there) and after any later step that compiled new code (`compiled_frame_count`: a recompile
+    for a new row length made 77,500 objects on the tiny model), and thaws when the loop ends, so a process that goes on (a notebook, the tests)
     collects the trainer's cycles once it drops it.
     """
     gc.collect()
@@ -87,6 +89,16 @@ def freeze_python_heap(when: str) -> int:
     frozen = gc.get_freeze_count()
     logger.debug(f"Python heap frozen {when}: {frozen:,} objects left out of later garbage collections")
     return frozen
+
+
+def compiled_frame_count() -> int:
+    """How many frames torch.compile (dynamo) has compiled in this process so far (0 when it never ran): when it
+    grows during training, a recompile made long-lived objects that `freeze_python_heap` has not frozen yet."""
+    if "torch._dynamo" not in sys.modules:  # never compiled: no need to import dynamo for the answer
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
 
 
 def thaw_python_heap(frozen_before: int) -> None:

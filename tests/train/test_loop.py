@@ -248,6 +248,22 @@ def test_python_heap_is_frozen_while_training_and_thawed_after_every_way_out(mak
     assert freezes == ["before the first step", "after the first step"]  # again with what step 1 made
     assert gc.get_freeze_count() == 0, "the heap stayed frozen after training"
 
+    # a recompile after the first step (here a new row length at step 2) made ~77,500 long-lived objects that
+    # every later full collection walked: the step that compiled freezes them too
+    from hai_medqa.train import compile_regions
+
+    monkeypatch.setenv(compile_regions.BACKEND_ENV, "aot_eager")
+    freezes.clear()
+    unfrozen = []
+    trainer = Trainer(*make_cfg(tmp_path / "recompiled", max_steps=4, gradient_accumulation_steps=1,
+                                compile_layers=True, gradient_checkpointing=False))
+    trainer.setup()
+    trainer.callbacks.append(lambda tr, rec: gc.collect() or unfrozen.append(len(gc.get_objects())))
+    trainer.train()
+    assert [w for w in freezes if "torch.compile made new code" in w], freezes  # the path ran
+    assert max(unfrozen) < 2_000, unfrozen
+    assert gc.get_freeze_count() == 0
+
     # a loop that ends in an error thaws too
     trainer = Trainer(*make_cfg(tmp_path / "nan", max_steps=3))
     trainer.setup()

@@ -1,6 +1,7 @@
 #!/bin/bash
-# PREPARED, NOT RUN: the next nvidia-h200-x2 job (issue 17), ~19 device minutes. Launch as job10.sh (its header) with this
-# file's name; poll with session 7's poll9.sh (results come back at every poll). Most important first.
+# Session 9's first GPU job (nvidia-h200-x2), prepared in session 8, run at code c740d03 on 2026-11-30 from 18:10 UTC.
+# Results: job_next/. Stage 1 finished; the machine was released during stage 2 (a lost poll), which had finished our
+# six arms and TRL's two but not Unsloth's: its partial.jsonl is the record. Launch as session 8's job10.sh (its header).
 source /dev/shm/snap/tree/bench/gpu_job_preamble.sh
 # 1. DDP >= 1.9x with the heap frozen (b887a31), one-GPU references in the same invocation, 12 timed steps: every rank's
 #    step walls and garbage collections (per_rank_step_walls_s, per_rank_gc) say which rank stalled and whether the
