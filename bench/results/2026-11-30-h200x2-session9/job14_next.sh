@@ -1,5 +1,5 @@
 #!/bin/bash
-# PREPARED, NOT RUN: the next nvidia-h200-x2 job (issue 17), ~17 device minutes. Launch as session 8's job10.sh (its
+# PREPARED, NOT RUN: the next nvidia-h200-x2 job (issue 17), ~20 device minutes. Launch as session 8's job10.sh (its
 # header) with this file's name; poll at once with session 7's poll9.sh, and again as soon as each poll returns (the
 # machine is released 30 s after a call ends: session 9 lost stage 2 of its first job that way).
 source /dev/shm/snap/tree/bench/gpu_job_preamble.sh
@@ -16,4 +16,9 @@ python3 bench/train_throughput.py --shape 7.8b --variants "fast;lean" --num-proc
 #    lazily (its default since 2.22) would do that once. Connect everything at start-up and look again.
 NCCL_RUNTIME_CONNECT=0 python3 bench/train_throughput.py --shape 7.8b --variants "fast" --num-processes 2 --warmup 3 \
    --steps 8 --workdir /tmp/hb --out $R/tt78_ddp_connect.json > $R/tt78_ddp_connect.log 2>&1; mark ddp_connect rc=$?
+# 4. Where the 6th step's ~350 ms go: steps 6 and 7 of fast x2 traced with Python frames (the profiler starts after
+#    warm-up + timed steps = 5). A stall there shows as GPU idle time and the host frames that ran during it.
+python3 bench/train_throughput.py --shape 7.8b --variants "fast" --num-processes 2 --no-single-reference --warmup 4 \
+   --steps 1 --kernel-profile 2 --kernel-profile-stack --workdir /tmp/hb --out $R/tt78_ddp_step6.json \
+   > $R/tt78_ddp_step6.log 2>&1; mark ddp_step6 rc=$?
 mark DONE
