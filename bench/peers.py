@@ -113,6 +113,18 @@ class PeerError(ValueError):
     """Bad --peers / --peer-site input (one line, before any heavy work)."""
 
 
+def median_step_tokens_per_s(tokens: int, walls: list[float]) -> float | None:
+    """Tokens per second of a typical timed step: the mean tokens per step over the median step wall (the upper
+    median for an even count), so one slow step of either side does not decide a comparison.
+
+    >>> median_step_tokens_per_s(3000, [1.0, 1.0, 4.0])
+    1000.0
+    """
+    if not walls:
+        return None
+    return (tokens / len(walls)) / sorted(walls)[len(walls) // 2]
+
+
 def parse_peers(text: str) -> list[str]:
     """Arm keys selected by a comma-separated list of prefixes (``trl``, ``trl:flex``, ``unsloth:nockpt``,
     ``all``), in the ARMS order, each once. Raises PeerError naming an item that selects nothing."""
@@ -386,8 +398,6 @@ def _finish(spec: dict, steps: list[dict], settings: dict, versions: dict, cuda:
     norms = [r.get("logged_grad_norm") for r in steps]
     logged = [r.get("logged_num_tokens") for r in steps]
     warm_logged = next((r.get("logged_num_tokens") for r in steps if r["step"] == spec["warmup"]), None)
-    walls = sorted(r["wall"] for r in timed)
-    median = walls[len(walls) // 2] if walls else float("nan")
     peaks = ({"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
               "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30} if cuda else
              {"peak_allocated_gib": float("nan"), "peak_reserved_gib": float("nan")})
@@ -396,7 +406,8 @@ def _finish(spec: dict, steps: list[dict], settings: dict, versions: dict, cuda:
     return {**problem, "name": spec["name"], "profile": f"peer:{spec['peer']}", "peer": spec["peer"], "arm": spec["arm"],
             "config": settings, "versions": versions, "num_processes": 1,
             "real_tokens_per_s": tokens / wall if wall else float("nan"), "steps_timed": len(timed),
-            "tokens_timed": tokens, "real_tokens_per_s_median_step": (tokens / len(timed)) / median if timed else None,
+            "tokens_timed": tokens,
+            "real_tokens_per_s_median_step": median_step_tokens_per_s(tokens, [r["wall"] for r in timed]),
             # TRL's own count over the same steps (cumulative num_tokens), where it logs one
             "logged_tokens_timed": (logged[-1] - warm_logged) if logged and None not in (logged[-1], warm_logged)
             else None,
