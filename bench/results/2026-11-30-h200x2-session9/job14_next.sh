@@ -13,7 +13,9 @@ python3 bench/train_throughput.py --shape 7.8b --variants "fast;lean;fast:base_p
 python3 bench/train_throughput.py --shape 7.8b --variants "fast;lean" --num-processes 2 --warmup 3 --steps 12 \
    --workdir /tmp/hb --out $R/tt78_ddp.json > $R/tt78_ddp.log 2>&1; mark ddp rc=$?
 # 3. fast x2 lost ~350 ms in one step, the 6th, on both ranks, in two invocations (GC paused < 2 ms): NCCL connecting
-#    lazily (its default since 2.22) would do that once. Connect everything at start-up and look again.
+#    lazily (its default since 2.22) would do that once. Connect everything at start-up and look again. DDP compiles 4
+#    frames more than one process (job 13: 11 against 7); the trainer now logs "step N: torch.compile compiled ..."
+#    for any compile after step 1, so the logs of stages 2-4 say whether step 6 compiled something.
 NCCL_RUNTIME_CONNECT=0 python3 bench/train_throughput.py --shape 7.8b --variants "fast" --num-processes 2 --warmup 3 \
    --steps 8 --workdir /tmp/hb --out $R/tt78_ddp_connect.json > $R/tt78_ddp_connect.log 2>&1; mark ddp_connect rc=$?
 # 4. Where the 6th step's ~350 ms go: steps 6 and 7 of fast x2 traced with Python frames (the profiler starts after
