@@ -81,8 +81,8 @@ def freeze_python_heap(when: str) -> int:
     tensors and closures) are collected as before, so reference cycles formed during training are still
     freed. The trainer freezes when its loop starts, again after the first step (the compiled graphs
     are made there) and after any later step that compiled new code (`compiled_frame_count`: a recompile
-    for a new row length made 77,500 objects on the tiny model), and thaws when the loop ends, so a process that goes on (a notebook, the tests)
-    collects the trainer's cycles once it drops it.
+    for a new row length made 77,500 objects on the tiny model), and thaws when the loop ends, so a
+    process that goes on (a notebook, the tests) collects the trainer's cycles once it drops it.
     """
     gc.collect()
     gc.freeze()

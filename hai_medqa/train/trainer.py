@@ -167,14 +167,13 @@ class Trainer:
                     if self.built.compiled_layers:
                         compile_regions.log_compile_stats(self.compile_stats(), when="after the first step")
                     freeze_python_heap("after the first step")  # with what compiling the layers made
-                    frames_frozen = compiled_frame_count()
                 elif (frames := compiled_frame_count()) != frames_frozen:
                     # a recompile (a new row length when rows are not padded: lean) made ~80,000 long-lived
                     # objects, which every full collection would walk again (~40 ms, per rank under DDP)
                     logger.info(f"step {st.global_step + 1}: torch.compile compiled {frames - frames_frozen} new "
                                 "frame(s) (a slower step; their objects are now left out of garbage collection)")
                     freeze_python_heap(f"after step {st.global_step + 1} (torch.compile made new code)")
-                    frames_frozen = frames
+                frames_frozen = compiled_frame_count()
                 with record_function("hai/log"):
                     rec = self._advance(step_mbs, stats, time.perf_counter() - t0, len(steps))
                     self.record.log_step(rec, stats, total_steps=self.total_steps, logging_steps=cfg.logging_steps)
