@@ -124,7 +124,8 @@ class TrainConfig:
     tokens_per_micro_batch: int = 8192
     """packed: token budget of one micro-batch row (several whole samples)."""
     pad_to_fixed_length: bool = False
-    """packed: pad every row to tokens_per_micro_batch with inert filler (one shape for compiled kernels)."""
+    """packed: pad every row to tokens_per_micro_batch with inert filler (one shape for compiled kernels). On in
+    ``fast``, and in ``lean`` on a GPU (GPU_PROFILE_KEYS), where it measured faster and smaller."""
     micro_batch_size: int = 8
     """padded: samples per micro-batch."""
     gradient_accumulation_steps: int = 4
@@ -297,8 +298,14 @@ PROFILES: dict[str, dict[str, Any]] = {
 #   (lean) per step, 15,938 -> 16,221 and 10,850 -> 11,113 tok/s in the same invocation; loss 0.74% (mean)
 #   from `fused`, closer than lean is to fast (H200, 2026-11-30; docs/performance.md, eighth session on two
 #   H200s). Measured on GPUs only.
+# - `lean` pads its packed rows to the token budget, as `fast` does everywhere: its compiled layers then see one
+#   shape. Unpadded, the layer region was compiled for varying lengths (and again whenever a new length came):
+#   flex attention 71.0 -> 48.2 ms per step, traced step 716.7 -> 699.6 ms, 10,789 -> 11,273 tok/s and 10.0 ->
+#   7.9 GiB reserved in the same invocation (the allocator no longer splits blocks of ever-changing sizes; H200,
+#   2026-11-30, docs/performance.md, ninth session on two H200s). The filler is inert: the same loss.
 GPU_PROFILE_KEYS: dict[str, dict[str, Any]] = {
-    "lean": {"offload_activations": True, "compile_layers": True, "lora_kernel": "fused_nf4"},
+    "lean": {"offload_activations": True, "compile_layers": True, "lora_kernel": "fused_nf4",
+             "pad_to_fixed_length": True},
     "fast": {"compile_layers": True, "lora_kernel": "fused_nf4"},
 }
 
@@ -342,8 +349,9 @@ def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool, model
                     gpu_memory_bytes: int | None = None, compile_available: bool = True) -> tuple[TrainConfig, str]:
     """Apply the chosen profile to every key the user left at its default; return (config, profile used).
 
-    On a GPU the profile's GPU_PROFILE_KEYS are applied too (``lean``: offload_activations and
-    compile_layers; ``fast``: compile_layers), each unless set explicitly; offloading also not when
+    On a GPU the profile's GPU_PROFILE_KEYS are applied too (``lean``: offload_activations, compile_layers,
+    lora_kernel fused_nf4 and pad_to_fixed_length; ``fast``: compile_layers and lora_kernel fused_nf4), each
+    unless set explicitly; offloading also not when
     checkpointing is off, and compiling also not where it cannot run (`compile_available` false: no working
     Triton for this GPU; a line says so).
 

@@ -168,8 +168,9 @@ class Trainer:
                         compile_regions.log_compile_stats(self.compile_stats(), when="after the first step")
                     freeze_python_heap("after the first step")  # with what compiling the layers made
                 elif (frames := compiled_frame_count()) != frames_frozen:
-                    # a recompile (a new row length when rows are not padded: lean) made ~80,000 long-lived
-                    # objects, which every full collection would walk again (~40 ms, per rank under DDP)
+                    # a recompile (a new row length when rows are not padded: pad_to_fixed_length false) made
+                    # ~80,000 long-lived objects, which every full collection would walk again (~40 ms, per rank
+                    # under DDP)
                     logger.info(f"step {st.global_step + 1}: torch.compile compiled {frames - frames_frozen} new "
                                 "frame(s) (a slower step; their objects are now left out of garbage collection)")
                     freeze_python_heap(f"after step {st.global_step + 1} (torch.compile made new code)")
