@@ -105,6 +105,7 @@ SENTENCES = [  # the learnable pattern: answers walk this cycle from a random st
     "손을 자주 씻는 것은 감염 예방의 기본입니다.",
     "충분한 수면은 면역력 유지에 필수적입니다.",
 ]
+WORDS = sorted({w for s in SENTENCES for w in s.split()})  # the "words" pattern's draws
 QUESTIONS = ["두통이 자주 생기는데 어떻게 관리해야 하나요?", "고혈압 환자는 어떤 음식을 피해야 하나요?",
              "감기에 걸렸을 때 운동을 해도 되나요?", "당뇨병 예방을 위한 생활 습관이 궁금합니다."]
 
@@ -126,7 +127,15 @@ def write_synthetic_jsonl(path: Path, tokenizer, n: int, seed: int, pattern: str
     pattern "cycle": each answer walks the sentence cycle from a random start (learnt almost perfectly within
     tens of steps; the loss tends to ~0.01, where relative differences between runs are noise). "random":
     every sentence is drawn at random, so ln(8) nats per ~20-token sentence stay unlearnable (a loss floor of
-    ~0.1): what a long loss-parity run needs."""
+    ~0.1). "words": every word is drawn at random from the sentences' words, so ln(len(WORDS)) nats per word stay
+    unlearnable: a floor near 1 nat per answer token, where a real fine-tune's loss sits, so a relative
+    difference between two runs means what it would mean there. Returns the records' count, their mean target
+    length and, for the random patterns, ``loss_floor``: the unlearnable nats per answer token (the answer's
+    tokens and its [|endofturn|]) that no model can go below.
+
+    >>> len(WORDS), WORDS[0]
+    (50, '가까운')
+    """
     import random
 
     from hai_medqa import chat_format
@@ -134,22 +143,29 @@ def write_synthetic_jsonl(path: Path, tokenizer, n: int, seed: int, pattern: str
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     targets = torch.exp(torch.randn(n, generator=gen) * 0.5 + math.log(330)).clamp(64, 2048).long().tolist()
-    sentence_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SENTENCES]
-    lengths = []
+    units = WORDS if pattern == "words" else SENTENCES  # what each draw picks
+    unit_ids = [tokenizer(u, add_special_tokens=False)["input_ids"] for u in units]
+    lengths, nats, answer_tokens = [], 0.0, 0
     with open(path, "w", encoding="utf-8") as f:
         for target in targets:
             q = rng.choice(QUESTIONS)
             prompt, _ = chat_format.split_prompt_answer(chat_format.record_to_messages({"instruction": q, "output": "x"}))
             budget = max(8, target - len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 1)
-            parts, used, k = [], 0, rng.randrange(len(SENTENCES))
+            parts, used, k = [], 0, rng.randrange(len(units))
             while used < budget:
-                s = SENTENCES[k % len(SENTENCES)]
-                parts.append(s)
-                used += len(sentence_ids[k % len(SENTENCES)]) + 1
-                k = k + 1 if pattern == "cycle" else rng.randrange(len(SENTENCES))
-            f.write(json.dumps({"instruction": q, "output": " ".join(parts)}, ensure_ascii=False) + "\n")
+                parts.append(units[k % len(units)])
+                used += len(unit_ids[k % len(units)]) + 1
+                k = k + 1 if pattern == "cycle" else rng.randrange(len(units))
+            answer = " ".join(parts)
+            if pattern != "cycle":  # every draw after the first is one uniform choice among len(units)
+                nats += (len(parts) - 1) * math.log(len(units))
+                answer_tokens += len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1
+            f.write(json.dumps({"instruction": q, "output": answer}, ensure_ascii=False) + "\n")
             lengths.append(target)
-    return {"records": n, "target_mean": sum(lengths) / n}
+    info: dict[str, Any] = {"records": n, "target_mean": sum(lengths) / n, "pattern": pattern}
+    if answer_tokens:
+        info["loss_floor"] = round(nats / answer_tokens, 4)
+    return info
 
 
 # --------------------------------------------------------------------------------------- children
@@ -530,9 +546,10 @@ def main() -> int:
                     help="compare every variant's per-step loss with the first variant's (same data order and seed): "
                          "mean/max relative difference, target mean <= 2%% (issue 17's FP8 check; use --steps >= 200 "
                          "and --data-pattern random)")
-    ap.add_argument("--data-pattern", default="cycle", choices=["cycle", "random"],
-                    help="synthetic answers: cycle (learnt to ~0.01 loss within tens of steps) or random (sentences "
-                         "drawn at random: a loss floor of ~0.1, so long runs stay comparable)")
+    ap.add_argument("--data-pattern", default="cycle", choices=["cycle", "random", "words"],
+                    help="synthetic answers: cycle (learnt to ~0.01 loss within tens of steps), random (sentences "
+                         "drawn at random: a loss floor of ~0.1, so long runs stay comparable) or words (words drawn "
+                         "at random: a floor near 1 nat per token, where a real fine-tune's loss sits)")
     ap.add_argument("--kernel-profile", type=int, default=0, metavar="N",
                     help="trace N more optimizer steps of each project arm with torch.profiler, after its timed steps, "
                          "and report its GPU time by kernel family and the GPU's idle time by trainer phase "

@@ -73,3 +73,26 @@ def test_peer_ratios_are_reported_on_mean_and_on_median_steps(bench_module):
     assert abs(trl["ratio_median_step"] - 0.9 / 0.5) < 1e-9  # upper median of an even count: 0.9 s
     assert lean["vs_peers"]["trl"]["arm"] == "trl:flex:ckpt" and lean["vs_peers"]["trl"]["ratio_median_step"] is None
     assert "unsloth" not in fast["vs_peers"]
+
+
+def test_words_data_keep_a_loss_floor_where_a_real_fine_tune_sits(tmp_path, bench_module, tiny_exaone_dir):
+    """--data-pattern words: every answer word drawn at random from the bench's sentences, so ~1 nat per answer
+    token stays unlearnable (a real fine-tune's loss sits near there; "random" leaves ~0.1, where a small absolute
+    difference between two runs is a large relative one). The floor is reported, and the same seed writes the
+    same file."""
+    from hai_medqa.model.load import load_tokenizer
+
+    sys.path.insert(0, str(REPO / "bench"))
+    bench = bench_module("train_throughput")
+    tok = load_tokenizer(tiny_exaone_dir)
+    words = bench.write_synthetic_jsonl(tmp_path / "w.jsonl", tok, 200, seed=0, pattern="words")
+    again = bench.write_synthetic_jsonl(tmp_path / "w2.jsonl", tok, 200, seed=0, pattern="words")
+    sentences = bench.write_synthetic_jsonl(tmp_path / "r.jsonl", tok, 200, seed=0, pattern="random")
+    cycle = bench.write_synthetic_jsonl(tmp_path / "c.jsonl", tok, 200, seed=0, pattern="cycle")
+    assert (tmp_path / "w.jsonl").read_bytes() == (tmp_path / "w2.jsonl").read_bytes() and words == again
+    assert 0.7 < words["loss_floor"] < 2.0 and 0.03 < sentences["loss_floor"] < 0.2, (words, sentences)
+    assert "loss_floor" not in cycle  # learnable to ~0: no floor to report
+    rows = [json.loads(line) for line in (tmp_path / "w.jsonl").read_text(encoding="utf-8").splitlines()]
+    drawn = [w for r in rows for w in r["output"].split()]
+    assert set(drawn) <= set(bench.WORDS) and len(set(drawn)) == len(bench.WORDS)
+    assert len(drawn) > 1000 and words["target_mean"] == sentences["target_mean"]  # same lengths, other content
