@@ -85,11 +85,13 @@ def _logged_step(run: Path) -> int:
 
 
 def launch(name: str, cmd: list[str], log: Path, *, kill_at: int | None = None, run: Path | None = None,
-           timeout: float = 3600) -> dict:
-    """Run one command (its own process group), optionally SIGTERM it once `run` logged step `kill_at`."""
+           timeout: float = 3600, env: dict[str, str] | None = None) -> dict:
+    """Run one command (its own process group), optionally SIGTERM it once `run` logged step `kill_at`.
+    `env`: variables set for this command only (e.g. CUDA_VISIBLE_DEVICES)."""
     t0 = time.time()
     with open(log, "w", encoding="utf-8") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**_env(), **(env or {})}, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         killed_at = None
         while proc.poll() is None:
             if time.time() - t0 > timeout:

@@ -9,7 +9,7 @@ from pathlib import Path
 from loguru import logger
 
 from hai_medqa.evaluation.kormedmcqa import SUBSETS
-from hai_medqa.evaluation.report import comparison_files, write_comparison
+from hai_medqa.evaluation.report import comparison_files, paired_differences, write_comparison
 from hai_medqa.evaluation.runner import (
     EvalOptions,
     evaluate_model,
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                              "evaluation leaves none; run without --resume to start)")
     load = {"revision": args.revision, "quantize_4bit": args.load_4bit, "dtype": args.dtype, "device": args.device,
             "attn_implementation": args.attn_implementation}
-    all_results = []
+    all_results, all_artefacts = [], []
     try:
         for label, (_, model, adapter_dir), d, journal in zip(labels, models, out_dirs, journals, strict=True):
             lm = load_for_inference(model, str(adapter_dir) if adapter_dir else None, **load)
@@ -202,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
             logger.info(f"results: {path}")
             _log_summary(results)
             all_results.append(results)
+            all_artefacts.append(artefacts)
     except KeyboardInterrupt as e:
         kept = [j.interrupted_note() for j in journals if j.path.exists()]
         e.add_note("; ".join(kept) if kept else "no answer was finished; nothing was written")
         raise
     if args.compare is not None:
-        paths = write_comparison(out_dir, all_results[0], all_results[1], labels[0], labels[1])
+        arts_a, arts_b = all_artefacts
+        paired = paired_differences(arts_a["predictions"], arts_b["predictions"], arts_a["kormedmcqa_items"],
+                                    arts_b["kormedmcqa_items"])
+        paths = write_comparison(out_dir, all_results[0], all_results[1], labels[0], labels[1], paired)
         logger.info(f"comparison: {paths['markdown']}, {paths['png']}")
         print(paths["markdown"].read_text(encoding="utf-8"))
     for journal in journals:  # only now: a resumed --compare reuses the first model's answers

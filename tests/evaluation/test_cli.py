@@ -113,6 +113,13 @@ def test_compare_base_and_adapter(tmp_path, tiny_exaone_dir, tiny_lora_run, val_
     assert (cmp["a"], cmp["b"]) == ("base", "finetune")
     ppl_row = next(r for r in cmp["rows"] if r["metric"] == "answer_ppl")
     assert ppl_row["delta"] == pytest.approx(b["metrics"]["answer_ppl"] - a["metrics"]["answer_ppl"])
+    # the noise of each ROUGE difference, from the two models' per-sample scores on the same samples
+    rouge = next(r for r in cmp["rows"] if r["metric"] == "char_rougeL")
+    diffs = [q["char_rougeL"] - p["char_rougeL"] for p, q in zip(pa, pb, strict=True)]
+    mean = sum(diffs) / len(diffs)
+    se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+    assert rouge["delta"] == pytest.approx(mean) and rouge["delta_stderr"] == pytest.approx(se)
+    assert rouge["within_noise"] == (abs(mean) <= 1.96 * se) and ppl_row["delta_stderr"] is None
     md = (out / "compare.md").read_text(encoding="utf-8")
     assert "| metric | base | finetune |" in md and "answer perplexity" in md
     png = (out / "compare.png").read_bytes()
@@ -128,7 +135,37 @@ def test_comparison_rows_know_which_direction_is_better():
     assert rows["doctor"]["better"] is None
     assert "rouge1" not in rows  # absent on both sides
     table = markdown_table(list(rows.values()), "A", "B")
-    assert "| answer perplexity ↓ | 12.0000 | **9.0000** | -3.0000 |" in table
+    assert "| answer perplexity ↓ | 12.0000 | **9.0000** | -3.0000 | — |" in table  # no per-sample noise
+
+
+def test_a_comparison_says_whether_a_difference_is_within_the_noise_of_the_same_samples():
+    """Two models on the same samples: per-sample differences give the noise of the mean difference. A shift
+    well inside it is "within noise" (no side bold); the same mean shift with steady per-sample differences is
+    a real one. KorMedMCQA items pair by position, per subset and pooled."""
+    from hai_medqa.evaluation.report import NOISE_Z, paired_differences
+
+    a = {"metrics": {"rougeL": 0.30, "char_rougeL": 0.30}, "kormedmcqa": {"doctor": 0.5, "micro": 0.5, "macro": 0.5}}
+    b = {"metrics": {"rougeL": 0.31, "char_rougeL": 0.31}, "kormedmcqa": {"doctor": 0.75, "micro": 0.75, "macro": 0.75}}
+    noisy = [0.2, -0.18, 0.25, -0.2, 0.01, -0.03, 0.04, -0.01]  # mean +0.01, spread ~0.15
+    steady = [0.01 + 0.001 * (k % 2) for k in range(8)]  # mean ~+0.01, spread ~0.0005
+    samples_a = [{"line": k, "rougeL": 0.3, "char_rougeL": 0.3} for k in range(8)]
+    samples_b = [{"line": k, "rougeL": 0.3 + noisy[k], "char_rougeL": 0.3 + steady[k]} for k in reversed(range(8))]
+    mcq = [{"subset": "doctor", "source": str(k), "gold": "A"} for k in range(4)]
+    mcq_a = [dict(m, pred=p) for m, p in zip(mcq, "AABB", strict=True)]
+    mcq_b = [dict(m, pred=p) for m, p in zip(mcq, "AAAB", strict=True)]
+    paired = paired_differences(samples_a, samples_b, mcq_a, mcq_b)
+    assert paired["rougeL"] == pytest.approx(noisy) and paired["doctor"] == paired["micro"] == [0.0, 0.0, 1.0, 0.0]
+    rows = {r["metric"]: r for r in comparison_rows(a, b, paired)}
+    assert rows["rougeL"]["within_noise"] is True and rows["rougeL"]["better"] is None
+    assert rows["rougeL"]["delta_stderr"] > rows["rougeL"]["delta"] / NOISE_Z
+    assert rows["char_rougeL"]["within_noise"] is False and rows["char_rougeL"]["better"] == "B"
+    assert rows["doctor"]["within_noise"] is True  # one item of four
+    assert rows["macro"]["delta_stderr"] is None and rows["macro"]["better"] == "B"  # no per-sample figure
+    table = markdown_table(list(rows.values()), "A", "B")
+    assert "| ROUGE-L (morpheme) ↑ | 0.3000 | 0.3100 | +0.0100 | ±" in table and ": within noise |" in table
+    assert "| ROUGE-L (character) ↑ | 0.3000 | **0.3100** |" in table and ": a real difference |" in table
+    # other items (another subset or order) are not paired
+    assert "doctor" not in paired_differences([], [], mcq_a, [dict(m, subset="nurse") for m in mcq_b])
 
 
 @pytest.mark.parametrize(
