@@ -127,3 +127,16 @@ def rouge_report(predictions: Sequence[str], references: Sequence[str]) -> tuple
 def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE F1s over prediction/reference pairs (see `rouge_report`)."""
     return rouge_report(predictions, references)[0]
+
+
+def stderr_of_mean(values: Sequence[float]) -> float | None:
+    """Standard error of the mean (sample standard deviation / sqrt(n)); None for fewer than two values.
+
+    >>> stderr_of_mean([1.0, 3.0])
+    1.0
+    """
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5

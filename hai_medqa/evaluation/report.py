@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hai_medqa.evaluation.metrics import stderr_of_mean
 from hai_medqa.io_utils import atomic_path, atomic_write_text, write_json
 
 # metric -> (display name, higher is better)
@@ -57,14 +57,6 @@ def paired_differences(samples_a: Sequence[Mapping[str, Any]], samples_b: Sequen
     return diffs
 
 
-def _stderr_of_mean(values: Sequence[float]) -> float | None:
-    n = len(values)
-    if n < 2:
-        return None
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 def comparison_rows(a: Mapping[str, Any], b: Mapping[str, Any],
                     paired: Mapping[str, Sequence[float]] | None = None) -> list[dict[str, Any]]:
     """One row per metric present in either result: name, both values, delta (b - a), better side.
@@ -85,7 +77,7 @@ def comparison_rows(a: Mapping[str, Any], b: Mapping[str, Any],
         if va is None and vb is None:
             continue
         delta = vb - va if va is not None and vb is not None else None
-        stderr = _stderr_of_mean(paired.get(key) or ()) if delta is not None else None
+        stderr = stderr_of_mean(paired.get(key) or ()) if delta is not None else None
         within = None if stderr is None else abs(delta) <= NOISE_Z * stderr
         better = None
         if delta is not None and delta != 0 and not within:

@@ -16,7 +16,7 @@ from loguru import logger
 
 from hai_medqa.chat_format import record_to_messages, render, resolve_system_prompt, split_prompt_answer
 from hai_medqa.evaluation import kormedmcqa as kmq
-from hai_medqa.evaluation.metrics import rouge_report
+from hai_medqa.evaluation.metrics import rouge_report, stderr_of_mean
 from hai_medqa.evaluation.perplexity import answer_perplexity
 from hai_medqa.inference.generation import GenerationSettings, InferenceError, LoadedModel, generate
 from hai_medqa.inference.resume import GenerationJournal, generate_journaled
@@ -108,15 +108,6 @@ def prepare_inputs(opts: EvalOptions) -> EvalInputs:
     return EvalInputs(conversations, lines, data_info, mcq, fewshot)
 
 
-def _stderr(values: list[float]) -> float | None:
-    """Standard error of the mean (sample std / sqrt(n)); None for fewer than two values."""
-    n = len(values)
-    if n < 2:
-        return None
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 def mcq_prompt(prompt: str, fmt: str) -> str:
     """A KorMedMCQA prompt as the model sees it: inside one user turn (chat; empty system turn, as the
     harness's --apply_chat_template does without a system instruction) or as raw text."""
@@ -165,7 +156,7 @@ def evaluate_model(lm: LoadedModel, opts: EvalOptions, inputs: EvalInputs, *, la
         predictions = answers(prompts, [f"val:{line}" for line in inputs.lines], opts.generation)
         means, per_sample = rouge_report(predictions, references)
         results["metrics"].update(means)
-        results["metrics_stderr"] = {k: _stderr([s[k] for s in per_sample]) for k in means}
+        results["metrics_stderr"] = {k: stderr_of_mean([s[k] for s in per_sample]) for k in means}
         results["metrics_detail"] = {
             "tokenization": "kiwipiepy morphemes (punctuation dropped); char_rougeL on non-space characters",
             "aggregation": "mean of per-sample F1",
