@@ -29,24 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from multi_gpu_e2e import launch, prepare_model_and_data, s_f2_command  # noqa: E402
+from multi_gpu_e2e import launch, parse_keys, prepare_model_and_data, s_f2_command  # noqa: E402
 
 from hai_medqa import run_folder  # noqa: E402
-
-
-def parse_keys(text: str) -> dict[str, str]:
-    """``"base_precision=fp8,lora_r=32"`` -> ``{"base_precision": "fp8", "lora_r": "32"}`` (S_F2.py overrides).
-
-    >>> parse_keys("base_precision=fp8, lora_r=32")
-    {'base_precision': 'fp8', 'lora_r': '32'}
-    """
-    keys = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: {item!r}: expected KEY=VALUE")
-        keys[key] = value
-    return keys
 
 
 def verdict(rows: list[dict]) -> dict:
@@ -78,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=os.environ.get("BENCH_WORKDIR", "/tmp/hai_quality"))
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "answer_quality.json"))
     args = ap.parse_args(argv)
-    arm_b = parse_keys(args.arm_b)
+    try:
+        arm_b = parse_keys([part.strip() for part in args.arm_b.split(",") if part.strip()])
+        shared = parse_keys(args.overrides)
+    except ValueError as e:
+        ap.error(str(e))
     labels = args.labels or ["A", "B_" + "_".join(f"{k}-{v}" for k, v in arm_b.items())]
 
     import torch
@@ -93,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     config = REPO / "configs" / ("tiny_cpu.yaml" if args.shape == "tiny" else "exaone35_7.8b_qlora.yaml")
     common = {"model": model, "train_file": train, "val_file": val, "max_steps": args.steps, "profile": args.profile,
               "eval_steps": args.steps, "save_steps": 10**6, "cache_dir": work / "tok_cache", "tensorboard": "false",
-              "sample_questions": 0, **parse_keys(",".join(args.overrides))}
+              "sample_questions": 0, **shared}
     runs = {labels[0]: work / "run_a", labels[1]: work / "run_b"}
     arms = {labels[0]: common, labels[1]: {**common, **arm_b}}
     report: dict = {"argv": sys.argv[1:] if argv is None else argv, "shape": args.shape, "gpus": gpus,

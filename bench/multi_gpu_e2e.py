@@ -71,6 +71,21 @@ def s_f2_command(n: int, launcher: str, config: Path, overrides: dict) -> list[s
             "--main_process_port", "0", *args]
 
 
+def parse_keys(items: list[str]) -> dict[str, str]:
+    """S_F2.py overrides from ``KEY=VALUE`` items (a value may hold commas); ValueError names a bad item.
+
+    >>> parse_keys(["base_precision=fp8", "lora_target_modules=q_proj,v_proj"])
+    {'base_precision': 'fp8', 'lora_target_modules': 'q_proj,v_proj'}
+    """
+    keys = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{item!r}: expected KEY=VALUE")
+        keys[key] = value
+    return keys
+
+
 def _logged_step(run: Path) -> int:
     path = run / run_folder.METRICS
     if not path.is_file():
@@ -179,12 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="any other TrainConfig key for every run, e.g. --set sample_max_new_tokens=48")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "multi_gpu_e2e.json"))
     args = ap.parse_args(argv)
-    extra = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            ap.error(f"--set {item!r}: expected KEY=VALUE")
-        extra[key] = value
+    try:
+        extra = parse_keys(args.overrides)
+    except ValueError as e:
+        ap.error(f"--set {e}")
 
     import torch
 
