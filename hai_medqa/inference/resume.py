@@ -169,11 +169,23 @@ class GenerationJournal:
         self.close()
         self.path.unlink(missing_ok=True)
 
+    def kept_on_disk(self) -> int:
+        """Finished answers in the file (complete lines after the header), counted from the file itself.
+
+        An interrupt can land between an answer's flushed line and the in-memory bookkeeping, so the
+        message reports what a resumed run will actually find, not `len(self)`.
+        """
+        self.close()  # flush anything buffered before counting
+        try:
+            return max(0, self.path.read_bytes().count(b"\n") - 1)
+        except FileNotFoundError:
+            return 0
+
     def interrupted_note(self) -> str:
         """What an interrupt leaves, for the one-line message."""
         if not self.path.exists():
             return "no answer was finished; nothing was written"
-        return f"{len(self)} answer(s) kept in {self.path}; run the same command with --resume to continue"
+        return f"{self.kept_on_disk()} answer(s) kept in {self.path}; run the same command with --resume to continue"
 
 
 def generate_journaled(

@@ -69,6 +69,28 @@ def test_killed_while_writing_the_header(tmp_path):
     assert header["fingerprint"] == FP
 
 
+def test_an_interrupt_between_the_flushed_line_and_the_bookkeeping_is_counted_from_the_file(tmp_path, monkeypatch):
+    # Ctrl-C can land right after an answer's line reached the file: the message must count it,
+    # because the resumed run will find it there (CI caught "2 kept" with 3 lines on disk)
+    path = tmp_path / "a.jsonl.partial"
+    j = GenerationJournal(path, FP, resume=False)
+    j.add("line:1", "p1", "답 1")
+    j.add("line:2", "p2", "답 2")
+    write = j._write
+
+    def write_then_interrupt(obj):
+        write(obj)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(j, "_write", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        j.add("line:3", "p3", "답 3")
+    assert j.interrupted_note().startswith(f"3 answer(s) kept in {path};")
+    assert len(GenerationJournal(path, FP, resume=True)) == 3  # what the note promised
+    assert GenerationJournal(tmp_path / "none.partial", FP, resume=False).interrupted_note() == (
+        "no answer was finished; nothing was written")
+
+
 def test_resumed_generation_equals_an_uninterrupted_one(tmp_path, tiny_exaone_dir):
     lm = load_for_inference(str(tiny_exaone_dir), dtype="float32", device="cpu")
     questions = ["두통", "감기에 항생제를 먹어야 하나요?", "열이 나요. 어제부터요.", "배가 아파요", "기침이 계속 나요 밤에 특히"]
