@@ -111,6 +111,11 @@ class TrainConfig:
     capability >= 8.9 such as H100/H200): float8 e4m3 weights with per-output-channel scales made from the
     bf16 checkpoint, forward and input-gradient matmuls in FP8 with row-wise scales (torch._scaled_mm);
     LoRA stays bf16/fp32. Changes the numerics (hai_medqa/train/fp8_base.py; docs/training.md)."""
+    fp8_emulate: bool = False
+    """base_precision fp8 only: the same FP8 quantisation with the matmuls emulated (both FP8 operands
+    dequantised to float32 and multiplied) instead of torch._scaled_mm, so it runs on any device, CPUs
+    included, and several times slower: for checking FP8's numerics (loss curves, answers) on a machine
+    without FP8 tensor cores. Never a speed-up."""
     compile_layers: bool = False
     """torch.compile every decoder layer as one region while training, so inductor fuses the residual adds,
     norms, RoPE, SwiGLU and LoRA glue around the projections (hai_medqa/train/compile_regions.py): the same
@@ -245,6 +250,8 @@ class TrainConfig:
             )
         if not self.lora_target_modules:
             raise ConfigError("lora_target_modules is empty")
+        if self.fp8_emulate and self.base_precision != "fp8":
+            raise ConfigError("fp8_emulate emulates the FP8 base's matmuls; it needs base_precision: fp8")
         if self.base_precision == "fp8":
             if self.dequantize_cache:
                 raise ConfigError("dequantize_cache applies to the NF4 base; with base_precision fp8 set it to false")

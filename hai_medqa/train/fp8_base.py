@@ -29,8 +29,9 @@ quantiser is plain tensor code there and `_scaled_mm` is traceable (checked by h
 Outside one, the quantiser alone is compiled on CUDA, so each quantisation is one fused pass.
 
 `impl` selects how the matmul runs: ``"scaled_mm"`` (torch._scaled_mm; the training path) or ``"emulate"``
-(dequantise both FP8 operands to float32 and multiply: the identical quantisation math, for tests on CPUs).
-The trainer never picks ``"emulate"``: on a CPU or a GPU without FP8 it refuses (`check_base_precision`).
+(dequantise both FP8 operands to float32 and multiply: the identical quantisation math, on any device).
+The trainer runs ``"emulate"`` only when asked (``fp8_emulate: true``, to check the numerics on a machine
+without FP8); otherwise on a CPU or a GPU without FP8 it refuses (`check_base_precision`).
 """
 
 from __future__ import annotations
@@ -292,8 +293,9 @@ def device_facts(device: torch.device) -> dict[str, Any]:
 
 def check_base_precision(cfg: Any, device: torch.device) -> None:
     """ConfigError (one line naming the GPU and its compute capability) when `cfg.base_precision` is fp8
-    and this device cannot run it; nothing for nf4. Called before any weight is loaded."""
-    if getattr(cfg, "base_precision", "nf4") != "fp8":
+    and this device cannot run it; nothing for nf4 or an emulated FP8 base (`fp8_emulate`, any device).
+    Called before any weight is loaded."""
+    if getattr(cfg, "base_precision", "nf4") != "fp8" or getattr(cfg, "fp8_emulate", False):
         return
     problem = fp8_support_problem(**device_facts(device))
     if problem:

@@ -109,7 +109,7 @@ def build_model(cfg: TrainConfig, model_path: str | Path, runtime: Any, *, resum
     if cfg.lora_kernel in ("fused", "fused_nf4"):
         fast_lora.fuse_lora_forward(model, nf4_in_place=cfg.lora_kernel == "fused_nf4")
     if fp8:  # after LoRA (which takes its dtype from a bf16 base) and the fused forward (which wraps nn.Linear)
-        fp8_base.convert_base_to_fp8(model, device, impl="scaled_mm")
+        fp8_base.convert_base_to_fp8(model, device, impl="emulate" if cfg.fp8_emulate else "scaled_mm")
         model.to(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the per-layer bf16/fp32 temporaries of the quantisation

@@ -244,9 +244,38 @@ def test_this_cpu_is_refused_before_any_weight_is_read(tmp_path):
     cfg = TrainConfig(base_precision="fp8")
     with pytest.raises(ConfigError, match=r"base_precision fp8 needs an NVIDIA GPU .* on cpu"):
         fp8_base.check_base_precision(cfg, torch.device("cpu"))
+    fp8_base.check_base_precision(TrainConfig(base_precision="fp8", fp8_emulate=True), torch.device("cpu"))
     runtime = types.SimpleNamespace(device=torch.device("cpu"), fsdp_version=None)
     with pytest.raises(ConfigError, match="base_precision fp8 needs"):  # not "no such folder": nothing was read
         build_model(cfg, tmp_path / "no_model_here", runtime)
+
+
+def test_an_emulated_fp8_base_trains_through_the_trainer_on_this_cpu(repo_root, tiny_exaone_dir, sample_jsonl,
+                                                                     tmp_path):
+    """`fp8_emulate: true` runs the whole training path on the CPU: the FP8 base is made from the bf16
+    checkpoint, its losses track the unquantised base's (same data, seed and LoRA init) without equalling
+    them, and the run's record and adapter card say which base it trained against."""
+    from hai_medqa.train.trainer import run_training
+
+    def run(name, **keys):
+        overrides = {"model": str(tiny_exaone_dir), "train_file": str(sample_jsonl["train"]), "val_file": "null",
+                     "output_dir": str(tmp_path / name), "cache_dir": str(tmp_path / "cache"), "max_steps": "6",
+                     "tensorboard": "false", "lora_dropout": "0", "compute_dtype": "auto", "warmup_ratio": "0",
+                     **keys}
+        run_training(*load_config(TrainConfig, repo_root / "configs" / "tiny_cpu.yaml", overrides))
+        lines = (tmp_path / name / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        return [json.loads(x)["loss"] for x in lines if "loss" in json.loads(x)]
+
+    with pytest.raises(ConfigError, match="fp8_emulate .* needs base_precision: fp8"):
+        TrainConfig(fp8_emulate=True).validate()
+    ref = run("bf16_base", quantize_4bit="false")
+    fp8 = run("fp8_emulated", base_precision="fp8", fp8_emulate="true")
+    assert len(fp8) == len(ref) == 6 and fp8[-1] < fp8[0]
+    rel = [abs(a - b) / b for a, b in zip(fp8, ref, strict=True)]
+    assert rel[0] > 0 and max(rel) < 0.05, (ref, fp8)  # the FP8 base really ran, and tracks the exact one
+    assert read_training_record(tmp_path / "fp8_emulated" / "adapter_last").base_precision == "fp8"
+    card = (tmp_path / "fp8_emulated" / "adapter_last" / "README.md").read_text(encoding="utf-8")
+    assert "base in FP8 e4m3" in card
 
 
 # ------------------------------------------------------------------------------------ config
