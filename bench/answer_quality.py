@@ -33,19 +33,44 @@ from multi_gpu_e2e import launch, parse_keys, prepare_model_and_data, s_f2_comma
 
 from hai_medqa import run_folder  # noqa: E402
 
+# Below this share of distinct answers (per arm) the answers are mostly the same few sentences: see `verdict`.
+MIN_DISTINCT_SHARE = 0.5
 
-def verdict(rows: list[dict]) -> dict:
+
+def verdict(rows: list[dict], distinct: dict[str, int] | None = None, samples: int | None = None) -> dict:
     """Whether B's answers match A's within noise: every ROUGE row with a noise estimate is within it.
 
-    >>> verdict([{"group": "metrics", "metric": "rougeL", "within_noise": True, "delta": 0.01},
-    ...          {"group": "metrics", "metric": "answer_ppl", "within_noise": None, "delta": 2.0}])
-    {'rouge_rows': 1, 'within_noise': ['rougeL'], 'outside_noise': [], 'match_within_noise': True}
+    Rows outside the noise are also split by direction (``better``: "B" or "A", from report.comparison_rows).
+    `distinct` (distinct answers per arm) and `samples` (questions answered) judge whether the answers can
+    carry the comparison at all: an adapter that answers most questions with the same few sentences (a
+    stand-in model that learnt little) makes every ROUGE difference a matter of which sentence it picked, and
+    the per-question noise assumes answers that vary with the question. ``judgeable`` is then false.
+
+    >>> verdict([{"group": "metrics", "metric": "rougeL", "within_noise": False, "delta": 0.03, "better": "B"},
+    ...          {"group": "metrics", "metric": "answer_ppl", "within_noise": None, "delta": 2.0, "better": "A"}],
+    ...         distinct={"nf4": 30, "fp8": 4}, samples=35)
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'rouge_rows': 1, 'within_noise': [], 'outside_noise': ['rougeL'], 'match_within_noise': False,
+     'b_better_outside_noise': ['rougeL'], 'b_worse_outside_noise': [], 'distinct_answers': {'nf4': 30, 'fp8': 4},
+     'samples': 35, 'judgeable': False}
     """
     rouge = [r for r in rows if r["group"] == "metrics" and r["metric"] != "answer_ppl" and r["within_noise"] is not None]
     inside = [r["metric"] for r in rouge if r["within_noise"]]
-    outside = [r["metric"] for r in rouge if not r["within_noise"]]
-    return {"rouge_rows": len(rouge), "within_noise": inside, "outside_noise": outside,
-            "match_within_noise": bool(rouge) and not outside}
+    outside = [r for r in rouge if not r["within_noise"]]
+    out = {"rouge_rows": len(rouge), "within_noise": inside, "outside_noise": [r["metric"] for r in outside],
+           "match_within_noise": bool(rouge) and not outside,
+           "b_better_outside_noise": [r["metric"] for r in outside if r.get("better") == "B"],
+           "b_worse_outside_noise": [r["metric"] for r in outside if r.get("better") == "A"]}
+    if distinct is not None and samples:
+        out.update(distinct_answers=distinct, samples=samples,
+                   judgeable=all(n >= MIN_DISTINCT_SHARE * samples for n in distinct.values()))
+    return out
+
+
+def distinct_answers(predictions: Path) -> tuple[int, int]:
+    """(distinct answers, answered questions) in one arm's evaluate.py predictions.jsonl."""
+    answers = [json.loads(line)["prediction"] for line in predictions.read_text(encoding="utf-8").splitlines() if line]
+    return len(set(answers)), len(answers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,10 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     if compare.is_file():
         cmp = json.loads(compare.read_text(encoding="utf-8"))
         report["comparison"] = cmp["rows"]
-        report["verdict"] = verdict(cmp["rows"])
+        counts = {label: distinct_answers(cmp_dir / label / "predictions.jsonl") for label in labels}
+        report["verdict"] = verdict(cmp["rows"], {label: n for label, (n, _) in counts.items()},
+                                    max(total for _, total in counts.values()))
         report["compare_md"] = (cmp_dir / "compare.md").read_text(encoding="utf-8")
         print(report["compare_md"])
         print(json.dumps(report["verdict"]))
+        if not report["verdict"]["judgeable"]:
+            print("the answers cannot carry this comparison: "
+                  + ", ".join(f"{label} gave {n} distinct answer(s)" for label, n in
+                              report["verdict"]["distinct_answers"].items())
+                  + f" to {report['verdict']['samples']} questions (see verdict's docstring)", file=sys.stderr)
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
     print(f"report: {out}")
     return 0 if report["runs"][-1]["exit_code"] == 0 else 1

@@ -29,6 +29,13 @@ def test_two_arms_are_trained_apart_and_their_answers_compared_within_noise(tmp_
     assert v["rouge_rows"] == 4 and sorted(v["within_noise"] + v["outside_noise"]) == sorted(
         ["rouge1", "rouge2", "rougeL", "char_rougeL"])
     assert v["match_within_noise"] == (not v["outside_noise"])
+    assert sorted(v["b_better_outside_noise"] + v["b_worse_outside_noise"]) == sorted(v["outside_noise"])
+    # how many different answers each arm gave, counted from its predictions
+    for arm in ("ref", "other"):
+        answers = [json.loads(x)["prediction"] for x in
+                   (tmp_path / "work" / "compare" / arm / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert v["distinct_answers"][arm] == len(set(answers)) and v["samples"] == len(answers) == 3
+    assert v["judgeable"] == all(n >= 1.5 for n in v["distinct_answers"].values())
     assert "| metric | ref | other |" in report["compare_md"]
 
 
@@ -40,3 +47,11 @@ def test_a_failed_training_arm_stops_before_any_answer(tmp_path, bench_module):
     assert rc == 1
     report = json.loads(out.read_text(encoding="utf-8"))
     assert [r["exit_code"] == 0 for r in report["runs"]] == [True, False] and "comparison" not in report
+
+
+def test_the_verdict_docstring_example(bench_module):
+    import doctest
+
+    quality = bench_module("answer_quality")
+    result = doctest.testmod(quality, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 1 and result.failed == 0
