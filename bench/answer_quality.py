@@ -32,6 +32,9 @@ sys.path.insert(0, str(REPO / "bench"))
 from multi_gpu_e2e import launch, parse_keys, prepare_model_and_data, s_f2_command  # noqa: E402
 
 from hai_medqa import run_folder  # noqa: E402
+from hai_medqa.evaluation.report import COMPARE_JSON, COMPARE_MD  # noqa: E402
+from hai_medqa.evaluation.runner import PREDICTIONS  # noqa: E402
+from hai_medqa.io_utils import iter_jsonl  # noqa: E402
 
 # Below this share of distinct answers (per arm) the answers are mostly the same few sentences: see `verdict`.
 MIN_DISTINCT_SHARE = 0.5
@@ -48,8 +51,7 @@ def verdict(rows: list[dict], distinct: dict[str, int] | None = None, samples: i
 
     >>> verdict([{"group": "metrics", "metric": "rougeL", "within_noise": False, "delta": 0.03, "better": "B"},
     ...          {"group": "metrics", "metric": "answer_ppl", "within_noise": None, "delta": 2.0, "better": "A"}],
-    ...         distinct={"nf4": 30, "fp8": 4}, samples=35)
-    ... # doctest: +NORMALIZE_WHITESPACE
+    ...         distinct={"nf4": 30, "fp8": 4}, samples=35)  # doctest: +NORMALIZE_WHITESPACE
     {'rouge_rows': 1, 'within_noise': [], 'outside_noise': ['rougeL'], 'match_within_noise': False,
      'b_better_outside_noise': ['rougeL'], 'b_worse_outside_noise': [], 'distinct_answers': {'nf4': 30, 'fp8': 4},
      'samples': 35, 'judgeable': False}
@@ -69,7 +71,7 @@ def verdict(rows: list[dict], distinct: dict[str, int] | None = None, samples: i
 
 def distinct_answers(predictions: Path) -> tuple[int, int]:
     """(distinct answers, answered questions) in one arm's evaluate.py predictions.jsonl."""
-    answers = [json.loads(line)["prediction"] for line in predictions.read_text(encoding="utf-8").splitlines() if line]
+    answers = [row["prediction"] for _, row in iter_jsonl(predictions)]
     return len(set(answers)), len(answers)
 
 
@@ -148,14 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     if not gpus:
         evaluate += ["--device", "cpu", "--dtype", "float32"]
     report["runs"].append(launch("evaluate", evaluate, out.parent / "answer_quality_evaluate.log"))
-    compare = cmp_dir / "compare.json"
+    compare = cmp_dir / COMPARE_JSON
     if compare.is_file():
         cmp = json.loads(compare.read_text(encoding="utf-8"))
         report["comparison"] = cmp["rows"]
-        counts = {label: distinct_answers(cmp_dir / label / "predictions.jsonl") for label in labels}
+        counts = {label: distinct_answers(cmp_dir / label / PREDICTIONS) for label in labels}
         report["verdict"] = verdict(cmp["rows"], {label: n for label, (n, _) in counts.items()},
                                     max(total for _, total in counts.values()))
-        report["compare_md"] = (cmp_dir / "compare.md").read_text(encoding="utf-8")
+        report["compare_md"] = (cmp_dir / COMPARE_MD).read_text(encoding="utf-8")
         print(report["compare_md"])
         print(json.dumps(report["verdict"]))
         if not report["verdict"]["judgeable"]:

@@ -358,9 +358,8 @@ def resolve_profile(cfg: TrainConfig, explicit: set[str], *, on_gpu: bool, model
 
     On a GPU the profile's GPU_PROFILE_KEYS are applied too (``lean``: offload_activations, compile_layers,
     lora_kernel fused_nf4 and pad_to_fixed_length; ``fast``: compile_layers and lora_kernel fused_nf4), each
-    unless set explicitly; offloading also not when
-    checkpointing is off, and compiling also not where it cannot run (`compile_available` false: no working
-    Triton for this GPU; a line says so).
+    unless set explicitly; offloading also not when checkpointing is off, and compiling also not where it
+    cannot run (`compile_available` false: no working Triton for this GPU; a line says so).
 
     ``auto`` means ``plain`` on a CPU; on a GPU the fastest profile that fits it (`choose_gpu_profile`,
     given the model's config and the GPU's memory), or ``lean`` when those are not known yet; ``lean``
